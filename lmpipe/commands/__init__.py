@@ -1,0 +1,1 @@
+"""One module per `lmpipe` verb; each exposes `register(subparsers)`."""

@@ -1,0 +1,50 @@
+"""Shared test fixtures: an offline environment, the data mirror, a scratch project root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Offline, quiet, reproducible: set before any library reads them.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _mirror() -> Path:
+    env = os.environ.get("LMPIPE_MIRROR")
+    return Path(env).resolve() if env else (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The offline mirror of the public data sets (../shared/data or LMPIPE_MIRROR)."""
+    path = _mirror()
+    if not (path / "tinyshakespeare.txt").exists():
+        pytest.fail(f"offline mirror not found at {path}; set LMPIPE_MIRROR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store per test session (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, mlflow_uri, mirror) -> Path:
+    """A scratch project root: stages write data/, metrics/ and plots/ under it."""
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    monkeypatch.setenv("LMPIPE_MIRROR", str(mirror))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -127,23 +127,14 @@ class DownloadParams(Section):
 
 # ----------------------------------------------------------------------------- tokenizer
 class TokenizerParams(Section):
-    vocab_size: int = Field(default=1024, le=65536 * 4)
+    vocab_size: int = Field(
+        default=1024, ge=256, le=262144,
+        description="BPE vocabulary; >= 256 because byte fallback needs the 256 byte pieces",
+    )
     num_threads: int = Field(default=2, ge=1, le=256)
     character_coverage: float = Field(default=1.0, gt=0, le=1)
     max_sentence_length: int = Field(default=16384, ge=64)
     input_sentence_size: int = Field(default=0, ge=0, description="0 = use every line")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _vocab_floor(cls, data: Any) -> Any:
-        # Checked here (not with ge=) so the message explains *why* 256 is the floor.
-        if isinstance(data, dict):
-            v = data.get("vocab_size")
-            if isinstance(v, int) and not isinstance(v, bool) and v < 256:
-                raise ValueError(
-                    f"vocab_size: must be >= 256 (byte fallback needs the 256 byte pieces), got {v}"
-                )
-        return data
 
 
 # ----------------------------------------------------------------------------- root
@@ -156,25 +147,32 @@ class Params(Section):
 
 
 # ----------------------------------------------------------------------------- loading
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
+
 def _format_error(err: ValidationError) -> str:
+    """One `key.path: problem, got VALUE` clause per error (the CONVENTIONS format)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if e["type"] == "extra_forbidden":
+        kind, ctx = e["type"], e.get("ctx") or {}
+        if kind == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-            msg = f"{msg}, got {e['input']!r}"
-        # A nested validator already names its own key ("vocab_size: ...").
-        last = loc.rsplit(".", 1)[-1] if loc else ""
-        if last and msg.startswith(f"{last}: ") and loc.endswith(last):
-            lines.append(f"{loc.rsplit('.', 1)[0] + '.' if '.' in loc else ''}{msg}")
-        elif loc:
-            lines.append(f"{loc}: {msg}")
+        elif kind in _BOUNDS:
+            op, name = _BOUNDS[kind]
+            msg = f"must be {op} {ctx[name]}, got {e['input']!r}"
+        elif kind == "missing":
+            msg = "required key is missing"
         else:
-            lines.append(msg)
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg = f"{msg}, got {e['input']!r}"
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 

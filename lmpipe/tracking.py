@@ -93,16 +93,31 @@ def git_state(root: Path | None = None) -> dict[str, str]:
 
 
 def dvc_lock_deps(stage: str, root: Path | None = None) -> dict[str, str]:
-    """md5 of each dep of `stage` as recorded in dvc.lock (empty when not recorded yet)."""
+    """md5 of each dep of `stage`, as dvc.lock records it, keyed `dvc_dep.<path>`.
+
+    A dep produced by an upstream stage takes the md5 of that stage's out (already current
+    when this stage starts); otherwise this stage's own previous lock entry is used.
+    """
     import yaml
 
-    lock = (root or project_root()) / "dvc.lock"
+    root = root or project_root()
     try:
-        data = yaml.safe_load(lock.read_text()) or {}
+        lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError):
         return {}
-    deps = (data.get("stages") or {}).get(stage, {}).get("deps") or []
-    return {f"dvc_dep.{d['path']}": d.get("md5", "") for d in deps if "path" in d}
+    try:
+        spec = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        spec = {}
+    outs = {o["path"]: o.get("md5", "") for st in lock.values() for o in st.get("outs") or []}
+    own = {d["path"]: d.get("md5", "") for d in (lock.get(stage) or {}).get("deps") or []}
+    paths = [d if isinstance(d, str) else next(iter(d)) for d in (spec.get(stage) or {}).get("deps") or []]
+    result = {}
+    for path in paths or list(own):
+        md5 = outs.get(path) or own.get(path)
+        if md5:
+            result[f"dvc_dep.{path}"] = md5
+    return result
 
 
 class MLflowLogger:

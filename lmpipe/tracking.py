@@ -25,6 +25,7 @@ class MetricLogger(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_input(self, dataset, context: str) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -44,6 +45,9 @@ class NullLogger:
         pass
 
     def log_text(self, text, artifact_file):
+        pass
+
+    def log_input(self, dataset, context):
         pass
 
     def set_tags(self, tags):
@@ -226,195 +230,6 @@ class MLflowLogger:
 
         self._guard(_do)
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-class NullLogger:
-    """Logs nothing. Used when tracking is off, and by non-zero ranks under DDP."""
-
-    run_id: str | None = None
-
-    def log_params(self, params):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_artifact(self, path, artifact_path=None):
-        pass
-
-    def log_text(self, text, artifact_file):
-        pass
-
-    def set_tags(self, tags):
-        pass
-
-    def close(self, status="FINISHED"):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close("FAILED" if exc_type else "FINISHED")
-        return False
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as their string form."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
-
-
-def git_state(root: Path | None = None) -> dict[str, str]:
-    """Commit and dirtiness of the working tree ('unknown' outside git)."""
-    root = root or project_root()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, timeout=10,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit or "unknown", "git_dirty": str(bool(status.strip())).lower()}
-
-
-def dvc_lock_deps(stage: str, root: Path | None = None) -> dict[str, str]:
-    """md5 of each dep of `stage` as recorded in dvc.lock (empty when not recorded yet)."""
-    import yaml
-
-    lock = (root or project_root()) / "dvc.lock"
-    try:
-        data = yaml.safe_load(lock.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    deps = (data.get("stages") or {}).get(stage, {}).get("deps") or []
-    return {f"dvc_dep.{d['path']}": d.get("md5", "") for d in deps if "path" in d}
-
-
-class MLflowLogger:
-    """One MLflow run per stage execution; a child of the flow's run when one is given."""
-
-    def __init__(self, stage: str, experiment: str = "lmpipe", tracking_uri: str | None = None):
-        self.stage = stage
-        self.run_id: str | None = None
-        self._client = None
-        self._warned = False
-        # Fail fast instead of MLflow's default minutes of HTTP retries when a server is down.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        try:
-            self._start(experiment, tracking_uri or default_tracking_uri())
-        except Exception as err:  # tracking must never fail the stage
-            self._warn(err)
-
-    # -- plumbing
-    def _warn(self, err: BaseException) -> None:
-        if not self._warned:
-            self._warned = True
-            msg = f"lmpipe: MLflow unavailable for stage {self.stage!r} ({type(err).__name__}: {err}); "
-            msg += f"continuing without it, metrics stay in metrics/{self.stage}.json"
-            print(f"WARNING: {msg}", file=sys.stderr)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        self._client = None
-
-    def _guard(self, fn, *args, **kwargs):
-        if self._client is None:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # tracking must never fail the stage
-            self._warn(err)
-            return None
-
-    def _start(self, experiment: str, uri: str) -> None:
-        import logging
-
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifacts = (project_root() / "mlartifacts").resolve().as_uri()
-            if not uri.startswith(("sqlite:", "file:")) and os.environ.get("LMPIPE_ARTIFACT_URI"):
-                artifacts = os.environ["LMPIPE_ARTIFACT_URI"]
-            elif not uri.startswith(("sqlite:", "file:")):
-                artifacts = None  # let the server choose (e.g. --default-artifact-root s3://...)
-            try:
-                exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-            except Exception:  # created concurrently by another stage
-                exp_id = client.get_experiment_by_name(experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
-        tags = {"mlflow.runName": self.stage, "lmpipe.stage": self.stage, "dvc_stage": self.stage}
-        parent = os.environ.get(PARENT_RUN_ENV)
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        tags.update(git_state())
-        tags.update(dvc_lock_deps(self.stage))
-        run = client.create_run(exp_id, run_name=self.stage, tags=tags)
-        self._client = client
-        self.run_id = run.info.run_id
-
-    # -- the interface
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        flat = flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items())]
-        for i in range(0, len(items), 100):
-            self._guard(self._client_call, "log_batch", self.run_id, params=items[i : i + 100])
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [
-            Metric(k, float(v), ts, step or 0)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-        for i in range(0, len(items), 500):
-            self._guard(self._client_call, "log_batch", self.run_id, metrics=items[i : i + 500])
-
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._guard(self._client_call, "log_artifact", self.run_id, str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._guard(self._client_call, "log_text", self.run_id, text, artifact_file)
-
-    def log_input(self, dataset, context: str) -> None:
-        def _do():
-            from mlflow.entities import InputTag
-
-            self._client.log_inputs(
-                self.run_id,
-                datasets=[
-                    __import__("mlflow").entities.DatasetInput(
-                        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
-                    )
-                ],
-            )
-
-        self._guard(_do)
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self._guard(self._client_call, "set_tag", self.run_id, k, str(v))
@@ -433,6 +248,25 @@ class MLflowLogger:
     def __exit__(self, exc_type, exc, tb):
         self.close("FAILED" if exc_type else "FINISHED")
         return False
+
+
+def pandas_dataset(df, *, name: str, digest: str, source: str):
+    """An `mlflow.data` dataset for `log.log_input(...)`, or None if MLflow cannot build one.
+
+    `digest` should be the DVC md5 of the file the frame was read from, so MLflow and DVC
+    name the same bytes (MLflow's digest column holds at most 36 characters: md5 fits).
+    """
+    import warnings as _warnings
+
+    try:
+        import mlflow.data
+
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
+            return mlflow.data.from_pandas(df, source=source, name=name, digest=digest)
+    except Exception as err:  # tracking must never fail the stage
+        print(f"WARNING: lmpipe: could not describe dataset {name!r} for MLflow: {err}", file=sys.stderr)
+        return None
 
 
 def stage_logger(stage: str, experiment: str = "lmpipe") -> MLflowLogger | NullLogger:

@@ -21,6 +21,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _remove_stale_temps(target: Path) -> None:
+    """Remove temporaries a killed writer of `target` left behind (`.name.*.tmp`)."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _umask_mode(base: int) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside `target`; rename it onto `target` on success.
@@ -29,6 +45,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -36,6 +53,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _umask_mode(0o666))  # mkstemp creates 0600
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
@@ -51,10 +69,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = None
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))  # mkdtemp creates 0700
         if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             if old.exists():

@@ -67,3 +67,17 @@ def test_json_is_deterministic_and_hashes_match_hashlib(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert sha256_file(a) == hashlib.sha256(a.read_bytes()).hexdigest()
     assert md5_file(a) == hashlib.md5(a.read_bytes()).hexdigest()
+
+
+def test_published_files_get_normal_permissions_and_stale_temps_are_cleared(tmp_path):
+    stale = tmp_path / ".model.abc123.tmp"
+    stale.mkdir()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w").write_text("x")
+    with atomic_path(tmp_path / "f.txt") as tmp:
+        tmp.write_text("y")
+    assert not stale.exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,0 +1,368 @@
+"""Scoring: the total negative log-likelihood of a token stream under any trained model.
+
+Every model scores the same N tokens under the scoring convention of docs/ARCHITECTURE.md:
+the context before the first token is a document boundary (neural models read ``[EOS] + ids``
+and predict ``ids``; the n-gram model starts from ``<s>``), and EOS inside the stream is
+predicted like any other token. Perplexity and bits per byte then come from
+``lmpipe.metrics`` (the one definition), so `evaluate`, `lmpipe eval` and the training stages
+cannot disagree on what the numbers mean.
+
+How a neural model sees the stream
+----------------------------------
+Write the model input as ``s = [EOS] + ids`` (length N + 1); target position p = 1..N is
+predicted from ``s[:p]``, cut to what fits the model.
+
+* **Non-overlapping windows** (the default, ``stride=None``): ``s`` is cut into consecutive
+  windows of the model's context length C; window k reads ``s[kC:(k+1)C]`` and scores the C
+  targets ``s[kC+1:(k+1)C+1]``. Cheap (each token is read once) but the first token of every
+  window has almost no context, so the figure is pessimistic by a little.
+* **Sliding window** (``stride=S``, 1 <= S <= C): the targets are taken S at a time; each
+  chunk of S targets is scored by a window that also reads the C - S tokens before it, so every
+  token is scored exactly once with at least C - S + 1 tokens of context (all of them near the
+  start of the stream). It costs about C / S forward passes per token. ``stride == C`` is
+  exactly the non-overlapping scheme (tested).
+* **Recurrent models** have no context length: by default the hidden state is carried through
+  the whole stream (the unbounded context the RNN has), in chunks of ``rnn_chunk`` tokens so
+  memory stays flat. Giving ``context_length`` for an RNN scores it in windows instead, each
+  from a zero state, like a Transformer (use it to reproduce a trainer's windowed figure).
+
+Padding to batch the windows goes on the right; the models are causal, so padded positions
+never change the logits of the real ones, and their targets are masked out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmpipe.errors import InputError
+from lmpipe.metrics import bits_per_byte, perplexity
+
+IGNORE = -100
+NGRAM_FILES = ("model.npz", "model.arpa.gz")
+
+
+# ----------------------------------------------------------------------------- the result
+@dataclass
+class Score:
+    """Total NLL (nats) of `n_tokens` predictions covering `n_bytes` UTF-8 bytes of text."""
+
+    total_nll: float
+    n_tokens: int
+    n_bytes: int
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per token in nats (the training loss's unit)."""
+        return self.total_nll / self.n_tokens
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.total_nll, self.n_tokens)
+
+    @property
+    def bpb(self) -> float:
+        return bits_per_byte(self.total_nll, self.n_bytes)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def metrics(self, split: str = "test") -> dict[str, float | int]:
+        """Flat metrics in the project's naming (split first), for metrics/*.json."""
+        out = {
+            f"{split}_loss": round(self.loss, 6),
+            f"{split}_ppl": round(self.ppl, 6),
+            f"{split}_bpb": round(self.bpb, 6),
+            f"{split}_tokens": int(self.n_tokens),
+            f"{split}_bytes": int(self.n_bytes),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "score_seconds": round(self.seconds, 3),
+        }
+        out.update(self.extra)
+        return out
+
+
+# ----------------------------------------------------------------------------- windows
+def windows(n_targets: int, context_length: int, stride: int | None = None,
+            stride_key: str = "evaluate.stride") -> list[tuple[int, int, int]]:
+    """The windows that score targets 1..n of ``s = [EOS] + ids`` (see the module docstring).
+
+    Returns ``(start, end, first_target)`` per window: the model reads ``s[start:end]``
+    (``end - start <= context_length``) and its outputs at positions
+    ``first_target - 1 .. end - 1`` predict the targets ``s[first_target : end + 1]``.
+    Every target position 1..n is covered exactly once.
+    """
+    C = int(context_length)
+    if C < 1:
+        raise ValueError(f"context_length must be >= 1, got {C}")
+    S = C if stride is None else int(stride)
+    if not 1 <= S <= C:
+        raise InputError(f"{stride_key}: must be in [1, context_length={C}], got {stride}")
+    out = []
+    a = 1                                   # first target position of this chunk
+    while a <= n_targets:
+        b = min(a + S - 1, n_targets)       # last target position
+        start = max(0, a - 1 - (C - S))     # C - S tokens of extra context before the chunk
+        out.append((start, b, a))           # reads s[start:b], whose outputs predict s[start+1:b+1]
+        a = b + 1
+    return out
+
+
+def _device_of(model) -> "Any":
+    return next(model.parameters()).device
+
+
+def _autocast(device, dtype: str):
+    import contextlib
+
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled,
+                leave=False, mininterval=1.0)
+
+
+def score_windows(model, ids: np.ndarray, context_length: int, *, eos_id: int,
+                  stride: int | None = None, batch_size: int = 8, dtype: str = "float32",
+                  progress: bool = False, desc: str = "scoring",
+                  stride_key: str = "evaluate.stride") -> float:
+    """Total NLL (nats) of `ids` under a causal model scored in (sliding) windows."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = np.asarray(ids)
+    n = int(ids.size)
+    if n == 0:
+        return 0.0
+    device = _device_of(model)
+    s = torch.from_numpy(np.concatenate([[eos_id], ids.astype(np.int64)]))
+    wins = windows(n, context_length, stride, stride_key)
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.inference_mode(), _progress(n, desc, progress) as bar:
+        for i in range(0, len(wins), batch_size):
+            group = wins[i:i + batch_size]
+            width = max(end - start for start, end, _ in group)
+            x = torch.zeros(len(group), width, dtype=torch.long)
+            y = torch.full((len(group), width), IGNORE, dtype=torch.long)
+            for row, (start, end, first) in enumerate(group):
+                length = end - start
+                x[row, :length] = s[start:end]
+                keep = first - 1 - start            # outputs before this predict context only
+                y[row, keep:length] = s[first:end + 1]
+            x, y = x.to(device), y.to(device)
+            with _autocast(device, dtype):
+                logits = model(x)[0]
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                  ignore_index=IGNORE, reduction="none")
+            total += nll.double().sum().cpu()       # summed in fp64: exact-ish for long splits
+            bar.update(sum(end + 1 - first for _, end, first in group))
+    return float(total)
+
+
+def score_recurrent(model, ids: np.ndarray, *, eos_id: int, chunk: int = 256,
+                    dtype: str = "float32", progress: bool = False, desc: str = "scoring") -> float:
+    """Total NLL of `ids` under a recurrent model, carrying its state through the stream."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = np.asarray(ids)
+    n = int(ids.size)
+    if n == 0:
+        return 0.0
+    device = _device_of(model)
+    s = torch.from_numpy(np.concatenate([[eos_id], ids.astype(np.int64)]))
+    total = torch.zeros((), dtype=torch.float64)
+    state = None
+    with torch.inference_mode(), _progress(n, desc, progress) as bar:
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            x = s[a:b].unsqueeze(0).to(device)
+            y = s[a + 1:b + 1].to(device)
+            with _autocast(device, dtype):
+                logits, _, state = model(x, state=state, return_state=True)
+            total += F.cross_entropy(logits[0].float(), y, reduction="none").double().sum().cpu()
+            bar.update(b - a)
+    return float(total)
+
+
+# ----------------------------------------------------------------------------- models
+def resolve_model_dir(folder: str | os.PathLike) -> Path:
+    """The folder holding the weights: `folder`, or `folder/merged` (LoRA merged into its base)."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists() and (folder / "merged" / "config.json").exists():
+        return folder / "merged"
+    return folder
+
+
+def is_ngram_dir(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return not (folder / "config.json").exists() and any((folder / f).exists() for f in NGRAM_FILES)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score: the n-gram or a neural model with how it reads context."""
+
+    kind: str                    # 'ngram', 'transformer' or 'rnn'
+    model: Any
+    params: int
+    context_length: int | None   # None: unbounded (RNN carrying state, n-gram order is its own)
+    folder: Path
+
+
+def load_for_scoring(folder: str | os.PathLike, device: str = "cpu",
+                     rnn_context: int | None = None) -> LoadedModel:
+    """Load any trained model folder (n-gram or neural) for `score_ids`."""
+    folder = resolve_model_dir(folder)
+    if not folder.exists():
+        raise InputError(f"{folder}: model folder not found")
+    if is_ngram_dir(folder):
+        from lmpipe.ngram import NgramModel
+
+        model = NgramModel.load(folder)
+        n_params = _ngram_size(model)
+        return LoadedModel("ngram", model, n_params, None, folder)
+    from lmpipe.models import count_parameters, load_model
+
+    model, info = load_model(folder, device=device)
+    kind = info["model_type"]
+    ctx = getattr(model.config, "context_length", None) if kind == "transformer" else rnn_context
+    return LoadedModel(kind, model, count_parameters(model), ctx, folder)
+
+
+def _ngram_size(model) -> int:
+    """Stored n-gram entries of every order: the count-based model's 'parameters'."""
+    return int(sum(model.ngram_counts()))
+
+
+def _vocab_size(loaded: LoadedModel) -> int:
+    if loaded.kind == "ngram":
+        return int(loaded.model.vocab_size)
+    return int(loaded.model.config.vocab_size)
+
+
+def score_ids(loaded: LoadedModel, ids: np.ndarray, n_bytes: int, *, eos_id: int,
+              stride: int | None = None, batch_size: int = 8, rnn_chunk: int = 256,
+              dtype: str = "float32", progress: bool = False, desc: str = "scoring",
+              stride_key: str = "evaluate.stride") -> Score:
+    """Score a token stream covering `n_bytes` bytes of text with a loaded model."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        raise InputError("nothing to score: the token stream is empty")
+    vocab = _vocab_size(loaded)
+    if int(ids.max()) >= vocab or eos_id >= vocab:
+        raise InputError(f"{loaded.folder}: the model knows {vocab} token ids but the text has id "
+                         f"{max(int(ids.max()), eos_id)}: it was trained with another tokenizer; "
+                         "retrain it (`dvc repro`)")
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {"params": int(loaded.params)}
+    if loaded.kind == "ngram":
+        logp = np.asarray(loaded.model.logprobs(ids), dtype=np.float64)
+        if logp.shape != ids.shape:
+            raise RuntimeError(f"n-gram logprobs returned shape {logp.shape} for {ids.shape} ids")
+        total = float(-logp.sum())
+    elif loaded.context_length is None:
+        total = score_recurrent(loaded.model, ids, eos_id=eos_id, chunk=rnn_chunk, dtype=dtype,
+                                progress=progress, desc=desc)
+        extra["context_length"] = 0   # 0 = unbounded (state carried through the stream)
+    else:
+        total = score_windows(loaded.model, ids, loaded.context_length, eos_id=eos_id,
+                              stride=stride, batch_size=batch_size, dtype=dtype,
+                              progress=progress, desc=desc, stride_key=stride_key)
+        extra["context_length"] = int(loaded.context_length)
+        extra["stride"] = int(stride or loaded.context_length)
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(total):
+        raise RuntimeError(f"{loaded.folder}: the model gave a non-finite NLL ({total})")
+    return Score(total, int(ids.size), int(n_bytes), seconds, extra)
+
+
+# ----------------------------------------------------------------------------- text and bytes
+def token_byte_lengths(tok) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for control tokens such as EOS).
+
+    Exact because the tokenizer round-trips text (no normalisation, no dummy prefix, byte
+    fallback): the bytes of a token stream are the sum over its ids. Used when only a prefix
+    of a split is scored.
+    """
+    out = np.zeros(tok.vocab_size, dtype=np.int64)
+    for i in range(tok.vocab_size):
+        if tok.is_special(i):
+            continue
+        if tok.is_byte(i):
+            out[i] = 1
+        else:
+            out[i] = len(tok.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """Strict UTF-8 decoding; the error names the file and the first bad byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{source}: not UTF-8 text (invalid byte 0x{data[err.start]:02x} "
+                         f"at byte offset {err.start})") from None
+
+
+def score_text(folder: str | os.PathLike, text: str, *, tokenizer=None, device: str = "cpu",
+               stride: int | None = None, batch_size: int = 8, rnn_context: int | None = None,
+               rnn_chunk: int = 256, dtype: str = "float32", progress: bool = False,
+               stride_key: str = "--stride") -> Score:
+    """Score one text as one document (its ids, then EOS), exactly as a split is scored."""
+    from lmpipe.tokenizer import Tokenizer
+
+    tok = tokenizer if tokenizer is not None else Tokenizer.load()
+    if not text:
+        raise InputError("nothing to score: the text is empty")
+    ids = tok.encode_documents([text])
+    loaded = load_for_scoring(folder, device=device, rnn_context=rnn_context)
+    return score_ids(loaded, ids, len(text.encode("utf-8")), eos_id=tok.eos_id, stride=stride,
+                     batch_size=batch_size, rnn_chunk=rnn_chunk, dtype=dtype, progress=progress,
+                     stride_key=stride_key)
+
+
+def pick_device(device: str = "auto", key: str = "evaluate.device") -> str:
+    """'auto' -> cuda when available, else cpu; an unavailable device is an input error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{key}: not a torch device: {device!r} (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{key}: {device!r} requested but CUDA is not available here")
+    return device
+
+
+def ids_and_bytes(split: str, max_tokens: int | None, tok=None, tokens_root=None
+                  ) -> tuple[np.ndarray, int]:
+    """A split's ids (the first `max_tokens` when capped) and the bytes of text they cover."""
+    from lmpipe.tokenizer import load_tokens, tokens_meta
+
+    meta = tokens_meta(tokens_root)
+    ids = np.asarray(load_tokens(split, tokens_root))
+    if max_tokens is None or max_tokens >= ids.size:
+        return ids, int(meta["splits"][split]["bytes"])
+    if tok is None:
+        raise ValueError("a capped split needs the tokenizer to count its bytes")
+    ids = ids[:max_tokens]
+    return ids, int(token_byte_lengths(tok)[ids.astype(np.int64)].sum())

@@ -1,0 +1,450 @@
+"""The evaluate stage: scoring windows, ppl/bpb against independent computations, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmpipe.config import Params
+from lmpipe.errors import InputError
+from lmpipe.evaluation import (
+    Score, ids_and_bytes, load_for_scoring, score_ids, score_recurrent, score_text,
+    score_windows, token_byte_lengths, windows,
+)
+from lmpipe.metrics import bits_per_byte, perplexity
+from lmpipe.models import build_model, save_model
+
+CTX = 64
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- assets
+def _tiny_transformer(vocab: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab, context_length=CTX, n_layer=1, n_head=2, d_model=16)
+    return build_model("transformer", cfg), cfg
+
+
+def build_assets(root: Path, mirror: Path) -> Path:
+    """A scratch project: corpus, tokenizer + tokens, four tiny random neural models, the
+    training stages' metrics and loss curves (and the n-gram when lmpipe.ngram exists)."""
+    from lmpipe.tokenizer import build
+
+    text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:24_000]
+    docs = text.split("\n\n")
+    n = len(docs)
+    parts = {"train": docs[: n * 8 // 10], "val": docs[n * 8 // 10: n * 9 // 10],
+             "test": docs[n * 9 // 10:]}
+    corpus = root / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    for split, rows in parts.items():
+        pq.write_table(pa.table({"text": rows}), corpus / f"{split}.parquet")
+    (corpus / "source.json").write_text(json.dumps(     # the download stage's layout
+        {"source": "url", "urls": ["https://example.invalid/tinyshakespeare.txt"],
+         "inputs": [{"name": "tinyshakespeare.txt", "sha256": "ab" * 32, "bytes": 24_000}],
+         "sha256": "cd" * 32, "encoding": "utf-8", "documents": len(docs),
+         "splits": {s: {"lines": 7 + i, "bytes": 1, "documents": 1}
+                    for i, s in enumerate(("train", "val", "test"))}}))
+    result = build(corpus, root / "data" / "tokenizer", root / "data" / "tokens",
+                   vocab_size=400, num_threads=1)
+    vocab = result["meta"]["vocab_size"]
+    models = root / "data" / "models"
+    for name, seed in (("transformer", 1), ("sft", 2)):
+        model, cfg = _tiny_transformer(vocab, seed)
+        save_model(model, models / name, "transformer", cfg)
+    model, cfg = _tiny_transformer(vocab, 3)
+    save_model(model, models / "lora" / "merged", "transformer", cfg)
+    torch.manual_seed(4)
+    rcfg = dict(vocab_size=vocab, d_embed=16, d_hidden=24, n_layer=1)
+    save_model(build_model("rnn", rcfg), models / "rnn", "rnn", rcfg)
+
+    metrics = root / "metrics"
+    metrics.mkdir()
+    for stage, extra in (("rnn", {}), ("pretrain", {}),
+                         ("sft", {"val_response_ppl": 11.5, "base_val_response_ppl": 30.25,
+                                  "trainable_params": 9000}),
+                         ("lora", {"val_response_ppl": 13.75, "base_val_response_ppl": 30.25,
+                                   "trainable_params": 512})):
+        (metrics / f"{stage}.json").write_text(json.dumps(
+            {"train_loss": 3.0, "val_loss": 3.2, "val_ppl": 24.5, "params": 1234,
+             "tokens_seen": 65536, "train_seconds": 12.5, **extra}))
+        plots = root / "plots" / stage
+        plots.mkdir(parents=True)
+        (plots / "loss.csv").write_text(
+            "step,tokens,train_loss,val_loss,lr\n0,0,6.0,6.1,0.001\n10,1280,4.0,,0.001\n"
+            "20,2560,3.0,3.2,0.0005\n")
+    (metrics / "download.json").write_text(json.dumps({"train_documents": len(parts["train"])}))
+    _maybe_ngram(root)
+    return root
+
+
+def _maybe_ngram(root: Path) -> None:
+    """Train a small n-gram through lmpipe.ngram when that module is there."""
+    try:
+        from lmpipe.ngram import estimate
+    except ModuleNotFoundError:
+        return
+    from lmpipe.tokenizer import load_tokens, tokens_meta
+
+    ids = np.asarray(load_tokens("train", root / "data" / "tokens"))
+    meta = tokens_meta(root / "data" / "tokens")
+    model = estimate(ids, vocab_size=meta["vocab_size"], eos_id=meta["eos_id"], order=3,
+                     bos_id=meta["bos_id"], unk_id=meta["unk_id"])
+    model.save(root / "data" / "models" / "ngram")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory, mirror) -> Path:
+    return build_assets(tmp_path_factory.mktemp("eval_assets"), mirror)
+
+
+@pytest.fixture
+def eval_project(project, assets, monkeypatch) -> Path:
+    for sub in ("data", "metrics", "plots"):
+        shutil.copytree(assets / sub, project / sub)
+    return project
+
+
+@pytest.fixture(scope="session")
+def tok(assets):
+    from lmpipe.tokenizer import Tokenizer
+
+    return Tokenizer.load(assets / "data" / "tokenizer" / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def test_ids(assets):
+    from lmpipe.tokenizer import load_tokens
+
+    return np.asarray(load_tokens("test", assets / "data" / "tokens")).astype(np.int64)
+
+
+def _load(assets, name):
+    from lmpipe.models import load_model
+
+    folder = assets / "data" / "models" / name
+    return load_model(folder / "merged" if (folder / "merged").exists() else folder)[0]
+
+
+# ----------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("n,ctx,stride", [(1, 4, None), (40, 16, None), (40, 16, 16), (40, 16, 5),
+                                          (40, 16, 1), (7, 3, 2), (33, 8, 8)])
+def test_windows_score_every_target_once_within_the_context(n, ctx, stride):
+    seen = []
+    for start, end, first in windows(n, ctx, stride):
+        assert 0 <= start < first <= end + 1 and end - start <= ctx
+        seen.extend(range(first, end + 1))
+        # each target has at least ctx - stride + 1 tokens of context (or all of the past)
+        assert first - start >= min(first, ctx - (stride or ctx) + 1)
+    assert seen == list(range(1, n + 1))
+
+
+def test_stride_must_fit_the_context():
+    with pytest.raises(InputError, match=r"evaluate\.stride: must be in \[1, context_length=16\]"):
+        windows(10, 16, 17)
+
+
+def test_stride_equal_to_context_gives_exactly_the_non_overlapping_figure(assets, test_ids):
+    model = _load(assets, "transformer")
+    ids = test_ids[:300]
+    plain = score_windows(model, ids, CTX, eos_id=2, batch_size=3)
+    same = score_windows(model, ids, CTX, eos_id=2, stride=CTX, batch_size=3)
+    assert same == plain                        # the very same windows, bit for bit
+    # the batch size only regroups windows (right padding never changes real positions)
+    assert score_windows(model, ids, CTX, eos_id=2, batch_size=64) == pytest.approx(plain, rel=1e-6)
+    # a sliding window gives the later tokens more context: a different (here better) figure
+    sliding = score_windows(model, ids, CTX, eos_id=2, stride=4)
+    assert sliding != plain
+
+
+def test_sliding_window_equals_scoring_each_token_from_its_window(assets, test_ids):
+    model = _load(assets, "transformer")
+    ids, stride = test_ids[:90], 40
+    s = torch.tensor(np.concatenate([[2], ids]))
+    expected = 0.0
+    with torch.no_grad():
+        for p in range(1, ids.size + 1):
+            chunk_first = (p - 1) // stride * stride + 1       # first target of p's chunk
+            start = max(0, chunk_first - 1 - (CTX - stride))
+            logits = model(s[start:p][None])[0][0, -1]
+            expected -= float(F.log_softmax(logits.double(), -1)[s[p]])
+    got = score_windows(model, ids, CTX, eos_id=2, stride=stride, batch_size=4)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- neural ppl
+def test_transformer_ppl_is_exp_of_the_mean_token_loss(eval_project, assets, tok, test_ids):
+    """Independent: plain forward over consecutive context-length windows + cross-entropy."""
+    model = _load(assets, "transformer")
+    s = torch.tensor(np.concatenate([[tok.eos_id], test_ids]))
+    losses = []
+    with torch.no_grad():
+        for k in range(0, test_ids.size, CTX):
+            x, y = s[k:k + CTX], s[k + 1:k + CTX + 1]
+            logits, _ = model(x[None, : y.numel()])
+            losses.append(F.cross_entropy(logits[0], y, reduction="none"))
+    mean_loss = torch.cat(losses).double().mean().item()
+
+    ids, n_bytes = ids_and_bytes("test", None)
+    loaded = load_for_scoring(eval_project / "data" / "models" / "transformer")
+    score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, batch_size=5)
+    assert score.n_tokens == test_ids.size
+    assert score.ppl == pytest.approx(math.exp(mean_loss), rel=1e-5)
+    meta = json.loads((eval_project / "data" / "tokens" / "meta.json").read_text())
+    assert score.n_bytes == meta["splits"]["test"]["bytes"]
+    assert score.bpb == pytest.approx(mean_loss * test_ids.size / math.log(2) / score.n_bytes,
+                                      rel=1e-5)
+
+
+def test_rnn_carries_its_state_through_the_whole_split(assets, tok, test_ids):
+    model = _load(assets, "rnn")
+    s = torch.tensor(np.concatenate([[tok.eos_id], test_ids]))
+    with torch.no_grad():
+        logits, _ = model(s[None, :-1])
+        mean_loss = F.cross_entropy(logits[0], s[1:]).item()
+    total = score_recurrent(model, test_ids, eos_id=tok.eos_id, chunk=97)
+    assert math.exp(total / test_ids.size) == pytest.approx(math.exp(mean_loss), rel=1e-5)
+    # windowed RNN scoring (rnn_context) restarts from a zero state per window
+    windowed = score_windows(model, test_ids, 32, eos_id=tok.eos_id)
+    with torch.no_grad():
+        first, _ = model(s[None, :32])
+        rest, _ = model(s[None, 32:64])
+    manual = F.cross_entropy(torch.cat([first[0], rest[0]]), s[1:65], reduction="sum").item()
+    assert score_windows(model, test_ids[:64], 32, eos_id=tok.eos_id) == pytest.approx(manual, rel=1e-5)
+    assert windowed != pytest.approx(total, rel=1e-9)
+
+
+class Uniform(nn.Module):
+    """Every token equally likely: NLL is exactly ln V per token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.w = nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"context_length": 8, "vocab_size": vocab})()
+
+    def forward(self, idx, targets=None):
+        return torch.zeros(*idx.shape, self.vocab) + 0 * self.w, None
+
+
+def test_bits_per_byte_on_a_hand_computed_example():
+    # 3 tokens at p = 1/4 each over 4 bytes: 3 * 2 bits = 6 bits / 4 bytes = 1.5 bpb, ppl 4
+    nll = 3 * math.log(4)
+    assert bits_per_byte(nll, 4) == pytest.approx(1.5, abs=1e-12)
+    assert perplexity(nll, 3) == pytest.approx(4.0, abs=1e-12)
+    score = Score(nll, 3, 4, seconds=0.5)
+    assert (score.bpb, score.ppl, score.tokens_per_second) == (pytest.approx(1.5), pytest.approx(4.0), 6.0)
+    m = score.metrics("test")
+    assert m["test_bpb"] == 1.5 and m["test_ppl"] == 4.0 and m["test_tokens"] == 3
+    # the same through the scoring code: a uniform model over 4 tokens, 10 ids covering 5 bytes
+    from lmpipe.evaluation import LoadedModel
+
+    loaded = LoadedModel("transformer", Uniform(4), 1, 8, Path("."))
+    score = score_ids(loaded, np.arange(10) % 4, 5, eos_id=0, stride=3)
+    assert score.ppl == pytest.approx(4.0, rel=1e-6)             # fp32 logits
+    assert score.bpb == pytest.approx(10 * 2 / 5, rel=1e-6)        # 10 tokens x 2 bits / 5 bytes
+    with pytest.raises(ValueError):
+        bits_per_byte(1.0, 0)
+
+
+def test_byte_lengths_of_tokens_add_up_to_the_split_bytes(assets, tok):
+    from lmpipe.tokenizer import load_tokens, tokens_meta
+
+    lengths = token_byte_lengths(tok)
+    meta = tokens_meta(assets / "data" / "tokens")
+    for split in ("train", "val", "test"):
+        ids = np.asarray(load_tokens(split, assets / "data" / "tokens")).astype(np.int64)
+        assert int(lengths[ids].sum()) == meta["splits"][split]["bytes"]
+    assert lengths[tok.eos_id] == 0 and lengths[tok.newline_id] == 1
+
+
+def test_capped_split_counts_the_bytes_of_its_prefix(eval_project, tok):
+    ids, n_bytes = ids_and_bytes("test", 100, tok)
+    assert ids.size == 100
+    text = tok.decode(list(map(int, ids)))
+    assert n_bytes == len(text.encode("utf-8"))
+
+
+def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):
+    folder = eval_project / "data" / "models" / "transformer"
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    score = score_text(folder, text, tokenizer=tok)
+    ids = tok.encode_documents([text])
+    assert ids[-1] == tok.eos_id and score.n_tokens == ids.size
+    direct = score_windows(load_for_scoring(folder).model, ids, CTX, eos_id=tok.eos_id)
+    assert score.total_nll == pytest.approx(direct, rel=1e-12)
+    assert score.n_bytes == len(text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- n-gram
+def test_ngram_ppl_equals_what_lmpipe_ngram_computes(eval_project, assets, tok, test_ids):
+    pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
+    from lmpipe.ngram import NgramModel
+
+    folder = eval_project / "data" / "models" / "ngram"
+    assert folder.exists(), "the n-gram asset was not built: see _maybe_ngram"
+    direct, n = NgramModel.load(folder).score(test_ids)      # what the ngram stage reports
+    assert n == test_ids.size
+    ids, n_bytes = ids_and_bytes("test", None)
+    loaded = load_for_scoring(folder)
+    assert loaded.kind == "ngram" and loaded.params == sum(loaded.model.ngram_counts())
+    score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id)
+    assert score.ppl == pytest.approx(perplexity(direct, n), rel=1e-12)
+    assert score.bpb == pytest.approx(bits_per_byte(direct, n_bytes), rel=1e-12)
+    # a uniform 1/V model would score ppl V: the trained n-gram must do much better
+    assert score.ppl < 0.5 * tok.vocab_size
+
+
+# ----------------------------------------------------------------------------- the stage
+NEURAL = ["rnn", "transformer", "sft", "lora"]
+ALL = ["ngram", *NEURAL]
+
+
+def _params(**evaluate) -> Params:
+    base = dict(models=ALL, samples_per_model=1, sample_tokens=8, batch_size=4,
+                max_tokens=400, instruct_prompts=["Hi"])
+    return Params.model_validate({"evaluate": {**base, **evaluate}})
+
+
+def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_uri):
+    from stages.evaluate import run
+
+    run(_params())
+    metrics = json.loads((eval_project / "metrics" / "evaluate.json").read_text())
+    assert list(metrics) == sorted(ALL)
+    ids, n_bytes = ids_and_bytes("test", 400, tok)
+    expected = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
+                         ids, n_bytes, eos_id=tok.eos_id)
+    t = metrics["transformer"]
+    assert t["test_ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    assert t["test_bpb"] == pytest.approx(expected.bpb, rel=1e-5)
+    assert (t["test_tokens"], t["test_bytes"], t["context_length"]) == (ids.size, n_bytes, CTX)
+    assert t["tokens_per_second"] > 0 and t["params"] > 0
+    assert metrics["rnn"]["context_length"] == 0
+    assert metrics["ngram"]["test_tokens"] == 400 and metrics["ngram"]["params"] > 0
+    assert metrics["sft"]["val_response_ppl"] == 11.5
+    assert metrics["lora"]["base_val_response_ppl"] == 30.25
+    assert metrics["lora"]["trainable_params"] == 512
+
+    report = (eval_project / "reports" / "report.md").read_text()
+    assert "| model | stage | parameters | train time (s) | tokens seen | val ppl | test ppl |" in report
+    for name in ALL:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{metrics[name]['test_bpb']:,.3f}" in row
+    assert "## SFT versus LoRA" in report and "| lora | 512 |" in report
+    assert f"input `tinyshakespeare.txt`: 24,000 bytes, sha256 `{'ab' * 32}`" in report
+    assert f"sha256 of all inputs: `{'cd' * 32}`" in report and "git commit" in report
+    assert "| split | documents | lines | bytes | tokens | bytes per token |" in report
+    meta = json.loads((eval_project / "data" / "tokens" / "meta.json").read_text())
+    test_split = meta["splits"]["test"]
+    assert (f"| test | {test_split['documents']} | 9 | {test_split['bytes']:,} | "
+            f"{test_split['tokens']:,} |") in report
+    assert "## Samples" in report and "### transformer" in report and "ROMEO:" in report
+    assert "### ngram" in report and "[no sample" not in report
+    for png in ("loss_curves.png", "bits_per_byte.png"):
+        data = (eval_project / "reports" / png).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        import matplotlib.image
+
+        img = matplotlib.image.imread(eval_project / "reports" / png)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+        assert f"]({png})" in report
+
+    # MLflow: one run with <model>.<metric> keys and the report as artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("lmpipe")
+    run_ = client.search_runs([exp.experiment_id], "tags.`lmpipe.stage` = 'evaluate'",
+                              order_by=["attributes.start_time DESC"])[0]
+    assert run_.data.metrics["transformer.test_bpb"] == pytest.approx(t["test_bpb"])
+    arts = {a.path for a in client.list_artifacts(run_.info.run_id, "report")}
+    assert {"report/report.md", "report/loss_curves.png", "report/bits_per_byte.png"} <= arts
+
+
+def test_stage_with_stride_and_cap(eval_project, tok, monkeypatch):
+    from stages.evaluate import run
+
+    monkeypatch.setenv("LMPIPE_TRACKING", "off")
+    run(_params(models=["transformer"], stride=CTX, max_tokens=200, samples_per_model=0))
+    t = json.loads((eval_project / "metrics" / "evaluate.json").read_text())["transformer"]
+    assert t["test_tokens"] == 200 and t["stride"] == CTX
+    ids, n_bytes = ids_and_bytes("test", 200, tok)
+    plain = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
+                      ids, n_bytes, eos_id=tok.eos_id)
+    assert t["test_ppl"] == pytest.approx(plain.ppl, rel=1e-5)
+    assert "## Samples" not in (eval_project / "reports" / "report.md").read_text()
+
+
+def test_stage_names_every_missing_model_folder(eval_project, monkeypatch):
+    from lmpipe.stage import run_stage
+    from stages.evaluate import run
+
+    monkeypatch.setenv("LMPIPE_TRACKING", "off")
+    shutil.rmtree(eval_project / "data" / "models" / "sft")
+    shutil.rmtree(eval_project / "data" / "models" / "lora")
+    with pytest.raises(InputError) as err:
+        run(_params())
+    msg = str(err.value)
+    assert "sft (" in msg and "`dvc repro sft`" in msg and "lora (" in msg
+    assert "transformer (" not in msg
+    (eval_project / "params.yaml").write_text("evaluate:\n  models: [transformer]\n  stride: 999\n")
+    assert run_stage("evaluate", run) == 2
+
+
+def test_metrics_file_is_readable_by_dvc_metrics_show(eval_project, monkeypatch):
+    import subprocess
+    import sys
+
+    from stages.evaluate import run
+
+    monkeypatch.setenv("LMPIPE_TRACKING", "off")
+    run(_params(models=["transformer", "rnn"], samples_per_model=0, max_tokens=64))
+    (eval_project / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: 'true'\n    metrics:\n      - metrics/evaluate.json:\n"
+        "          cache: false\n")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=eval_project, check=True)
+    out = subprocess.run([*dvc, "metrics", "show", "--json"], cwd=eval_project, check=True,
+                         capture_output=True, text=True).stdout
+    shown = json.loads(out)
+    data = next(iter(shown.values()))["data"]["metrics/evaluate.json"]["data"]
+    expected = json.loads((eval_project / "metrics" / "evaluate.json").read_text())
+    assert data["transformer"]["test_bpb"] == expected["transformer"]["test_bpb"]
+
+
+def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_path):
+    from lmpipe.report import ReportData, write_report
+
+    data = ReportData(
+        results={"ngram": {"test_bpb": 2.0, "test_ppl": 30.0, "params": 5000},
+                 "transformer": {"test_bpb": 1.5, "test_ppl": 12.0, "params": 100}},
+        stage_metrics={"transformer": {"train_seconds": 60.0, "tokens_seen": 1_000_000}},
+    )
+    files = write_report(tmp_path / "reports", data)
+    report = files["report"].read_text()
+    assert "Best model on the test split: **transformer** at 1.5000 bits per byte." in report
+    assert "| ngram | ngram | 5,000 | - | - | - | 30.000 | 2.000 | +33.3% |" in report
+    assert "| transformer | pretrain | 100 | 60.000 | 1,000,000 | - | 12.000 | 1.500 | best |" in report
+    assert "SFT versus LoRA" not in report
+    for key in ("loss", "bpb"):
+        assert files[key].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_model_trained_with_another_tokenizer_is_an_input_error(tmp_path, tok):
+    from lmpipe.models import save_model
+
+    model, cfg = _tiny_transformer(50, 0)                  # 50 ids; the tokenizer has 400
+    save_model(model, tmp_path / "small", "transformer", cfg)
+    with pytest.raises(InputError, match=r"small: the model knows 50 token ids but the text has id"):
+        score_text(tmp_path / "small", "hello world, hello world", tokenizer=tok)

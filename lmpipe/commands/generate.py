@@ -60,5 +60,5 @@ def run(args) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, seed=args.seed,
         )
-    print(args.prompt + text)
+    print(text)  # generate_text returns the prompt and its continuation
     return 0

@@ -1,0 +1,117 @@
+"""Stage `ngram`: the count-based baseline (interpolated modified Kneser-Ney, or add-k).
+
+Reads  data/tokens/{train,val,test}.bin + meta.json (the tokenizer stage's id streams, so the
+       model is scored on exactly the tokens the neural models see), data/tokenizer (for the
+       sample text) and params `ngram`, `seed`.
+Writes data/models/ngram/model.npz (compact binary model), data/models/ngram/model.arpa.gz
+       (ARPA for KenLM/SRILM; Kneser-Ney only), metrics/ngram.json; logs params, metrics,
+       both files and a sample to MLflow. Run it with `dvc repro ngram` (or
+       `python -m stages.ngram`).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+from lmpipe import paths
+from lmpipe.config import Params
+from lmpipe.errors import InputError
+from lmpipe.io import atomic_dir
+from lmpipe.metrics import bits_per_byte, perplexity, write_metrics
+from lmpipe.ngram import ARPA_FILE, MODEL_FILE, estimate, generate_text, write_arpa
+from lmpipe.stage import main_for
+from lmpipe.tracking import stage_logger
+
+NAME = "ngram"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run(params: Params) -> None:
+    from lmpipe.tokenizer import load_tokens, tokens_meta
+
+    p = params.ngram
+    meta = tokens_meta()
+    for split in ("train", "val", "test"):
+        if split not in meta.get("splits", {}):
+            raise InputError(f"data/tokens/meta.json: no {split!r} split; rerun `dvc repro tokenizer`")
+    vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+    out_dir = paths.models_dir() / NAME
+
+    with stage_logger(NAME, params.tracking.experiment) as log:
+        log.log_params({NAME: p.model_dump(mode="json"), "seed": params.seed})
+        train = load_tokens("train")
+        t0 = time.perf_counter()
+        model = estimate(
+            train, vocab, eos,
+            order=p.order, method=p.method, k=p.k,
+            unk_id=meta.get("unk_id"), bos_id=meta.get("bos_id"),
+            chunk_tokens=p.chunk_tokens, threads=p.threads,
+        )
+        train_seconds = time.perf_counter() - t0
+
+        arpa_seconds = 0.0
+        with atomic_dir(out_dir) as tmp:
+            model.save(tmp)
+            if p.arpa and model.backoff:
+                t0 = time.perf_counter()
+                write_arpa(model, tmp / ARPA_FILE)
+                arpa_seconds = time.perf_counter() - t0
+
+        metrics: dict[str, float | int] = {}
+        score_seconds, score_tokens = 0.0, 0
+        for split in ("val", "test"):
+            ids = load_tokens(split)
+            if ids.shape[0] == 0:
+                raise InputError(f"data/tokens/{split}.bin is empty: nothing to score")
+            t0 = time.perf_counter()
+            nll, n = model.score(ids, chunk_tokens=p.chunk_tokens, threads=p.threads)
+            score_seconds += time.perf_counter() - t0
+            score_tokens += n
+            metrics[f"{split}_loss"] = nll / n
+            metrics[f"{split}_ppl"] = perplexity(nll, n)
+            metrics[f"{split}_bpb"] = bits_per_byte(nll, int(meta["splits"][split]["bytes"]))
+        n_train = int(train.shape[0])
+        metrics.update(
+            {
+                "train_tokens": n_train,
+                "train_seconds": train_seconds,
+                "tokens_per_second": n_train / train_seconds if train_seconds > 0 else 0.0,
+                "score_tokens_per_second": score_tokens / score_seconds if score_seconds > 0 else 0.0,
+                "arpa_seconds": arpa_seconds,
+                "model_bytes": (out_dir / MODEL_FILE).stat().st_size,
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+        )
+        if (out_dir / ARPA_FILE).exists():
+            metrics["arpa_bytes"] = (out_dir / ARPA_FILE).stat().st_size
+        for n, count in enumerate(model.meta["ngrams_per_order"], start=1):
+            metrics[f"ngrams_order_{n}"] = count
+        metrics = write_metrics(NAME, metrics)
+        log.log_metrics(metrics)
+        log.set_tags({"ngram.discount_fallback": str(model.meta.get("discount_fallback", []))})
+        for name in (MODEL_FILE, ARPA_FILE):
+            if (out_dir / name).exists():
+                log.log_artifact(out_dir / name, "model")
+        sample = ""
+        if p.sample_tokens and (paths.tokenizer_dir() / "tokenizer.model").exists():
+            sample = generate_text(
+                out_dir, "", p.sample_tokens, temperature=p.temperature, top_k=p.top_k, seed=params.seed
+            )
+            log.log_text(sample, "sample.txt")
+
+    print(
+        f"ngram: order {p.order} {p.method}, {n_train} train tokens in {train_seconds:.2f}s "
+        f"({metrics['tokens_per_second'] / 1e6:.2f}M tok/s); val ppl {metrics['val_ppl']:.2f} "
+        f"({metrics['val_bpb']:.3f} bpb), test ppl {metrics['test_ppl']:.2f} "
+        f"({metrics['test_bpb']:.3f} bpb); n-grams per order {model.meta['ngrams_per_order']}"
+    )
+    if sample:
+        print("ngram: sample: " + sample[:200].replace("\n", "\\n"))
+
+
+if __name__ == "__main__":
+    main_for(NAME, run)

@@ -1,0 +1,191 @@
+"""Sampling from the neural language models: temperature, top-k, top-p, repetition penalty.
+
+One step turns the last position's logits into a token, in this order:
+  1. repetition penalty (CTRL, Keskar et al. 2019): for every token already in the text,
+     logit / penalty if the logit is positive, logit * penalty if not (penalty > 1 discourages);
+  2. temperature 0 -> greedy argmax; otherwise logits / temperature;
+  3. top-k: keep the k largest logits;
+  4. top-p (nucleus, Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+     probability mass reaches p;
+  5. draw from the renormalised distribution with the given torch.Generator (reproducible).
+
+`generate` drives either model: the Transformer with its key-value cache (or a full recompute
+of the cropped context each step when use_cache=False), the RNN by carrying its hidden state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lmpipe.errors import InputError
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, repetition_penalty: float = 1.0,
+                generated: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token for each row of `logits` [B, V]; returns LongTensor [B].
+
+    `generated` [B, L] holds the ids the repetition penalty applies to (prompt + output so far).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    logits = logits.float()
+    if repetition_penalty != 1.0 and generated is not None and generated.numel():
+        seen = logits.gather(1, generated)
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(1, generated, seen)   # repeated ids write the same value
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs_sorted, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+        mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+        drop_sorted = mass_before >= top_p          # the set already reached p without it
+        drop_sorted[:, 0] = False                   # the most likely token always stays
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _context_length(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "context_length", None)
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, use_cache: bool = True,
+             stop_ids: Sequence[int] = (), seed: int = 0,
+             device: str | torch.device | None = None) -> list[int]:
+    """Continue `prompt_ids`; returns only the new ids (a stop id ends generation, not included).
+
+    Transformer: the prompt must leave room in the context (InputError otherwise). With the
+    cache, one prefill then one position per step; past the context the cache is rebuilt from
+    the last half context. Without it, each step re-runs the last context_length ids. The two
+    paths agree token for token while prompt + output fits the context.
+    RNN: the prompt is read once and the hidden state carried; no context limit.
+    """
+    from lmpipe.models import unwrap_model
+    from lmpipe.models.rnn import RNNLM
+    from lmpipe.models.transformer import Transformer
+
+    model = unwrap_model(model)
+    if not isinstance(model, (Transformer, RNNLM)):
+        raise TypeError(f"generate() supports Transformer and RNNLM, got {type(model).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise InputError("the prompt is empty: generation needs at least one token to start from")
+    vocab = model.config.vocab_size
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise InputError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+    context = _context_length(model) if isinstance(model, Transformer) else None
+    if context is not None and len(prompt) >= context:
+        raise InputError(f"the prompt is {len(prompt)} tokens but the model's context is {context} "
+                         f"tokens: that leaves no room for new tokens (shorten the prompt to at "
+                         f"most {context - 1} tokens)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval().to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stops = {int(s) for s in stop_ids}
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)   # [1, L], grows by one a step
+    buffer = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
+    buffer[:, :len(prompt)] = ids
+    n = len(prompt)
+    out: list[int] = []
+
+    def pick(logits: torch.Tensor) -> int:
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
+                          buffer[:, :n] if repetition_penalty != 1.0 else None, generator)
+        return int(nxt.item())
+
+    try:
+        if isinstance(model, RNNLM):
+            logits, _, state = model(ids, return_state=True)
+            for _ in range(max_new_tokens):
+                tok = pick(logits)
+                if tok in stops:
+                    break
+                out.append(tok)
+                buffer[0, n] = tok
+                n += 1
+                if len(out) == max_new_tokens:
+                    break
+                logits, _, state = model(buffer[:, n - 1:n], state=state, return_state=True)
+        elif use_cache:
+            cache = model.new_kv_cache(1, min(context, n + max_new_tokens), device=device)
+            logits, _ = model(ids, kv_cache=cache)
+            for _ in range(max_new_tokens):
+                tok = pick(logits)
+                if tok in stops:
+                    break
+                out.append(tok)
+                buffer[0, n] = tok
+                n += 1
+                if len(out) == max_new_tokens:
+                    break
+                if cache.length >= cache.max_len:   # context full: restart from its last half
+                    cache.reset()
+                    logits, _ = model(buffer[:, n - context // 2 - 1:n], kv_cache=cache)
+                else:
+                    logits, _ = model(buffer[:, n - 1:n], kv_cache=cache)
+        else:
+            for _ in range(max_new_tokens):
+                logits, _ = model(buffer[:, max(0, n - context):n])
+                tok = pick(logits)
+                if tok in stops:
+                    break
+                out.append(tok)
+                buffer[0, n] = tok
+                n += 1
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 200,
+                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                  repetition_penalty: float = 1.0, seed: int = 0,
+                  tokenizer_path: str | os.PathLike | None = None,
+                  device: str | torch.device | None = None) -> str:
+    """Load the model in `model_dir` and the project tokenizer; return prompt + continuation.
+
+    As in training and evaluation, the text is read as the start of a document: the model is
+    fed [EOS] + prompt ids. Generation stops early at the next EOS.
+    """
+    from lmpipe.models import load_model
+    from lmpipe.models.transformer import Transformer
+    from lmpipe.tokenizer import Tokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(model_dir, device=device)
+    tok = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else Tokenizer.load()
+    prompt_ids = list(tok.encode(prompt))
+    context = _context_length(model) if isinstance(model, Transformer) else None
+    if context is not None and len(prompt_ids) + 1 >= context:
+        raise InputError(
+            f"the prompt is {len(prompt_ids)} tokens ({len(prompt_ids) + 1} with the EOS that "
+            f"starts a document) but the model's context is {context} tokens: that leaves no "
+            f"room for new tokens (shorten the prompt to at most {context - 2} tokens)")
+    new = generate(model, [tok.eos_id] + prompt_ids, max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                   use_cache=True, stop_ids=(tok.eos_id,), seed=seed, device=device)
+    return tok.decode(prompt_ids + new)

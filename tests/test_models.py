@@ -352,3 +352,19 @@ def test_tiny_transformer_overfits_a_tiny_text():
 def test_tiny_rnn_overfits_a_tiny_text(cell):
     model = tiny_rnn(cell, n_layer=1, d_embed=32, d_hidden=64)
     assert _overfit(model, steps=200, lr=1e-2) < 0.05
+
+
+def test_saved_weights_are_byte_identical_across_saves(tmp_path):
+    """Tied weights + metadata must not make the safetensors header order vary per save."""
+    import hashlib
+
+    from lmpipe.models import build_model, save_model
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, context_length=32, n_layer=1, n_head=2, d_model=32, tie_embeddings=True)
+    model = build_model("transformer", cfg)
+    digests = set()
+    for i in range(6):
+        save_model(model, tmp_path / f"m{i}", "transformer", cfg)
+        digests.add(hashlib.md5((tmp_path / f"m{i}" / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1

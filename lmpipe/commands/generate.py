@@ -45,6 +45,8 @@ def run(args) -> int:
     if args.temperature < 0:
         raise InputError(f"--temperature: must be >= 0, got {args.temperature}")
     folder = model_folder(args.model)
+    if args.model == "lora":
+        folder = folder / "merged"  # the adapter merged into its base: a plain model folder
     if args.model == "ngram":
         from lmpipe.ngram import generate_text
 

@@ -78,7 +78,10 @@ def save_model(model: nn.Module, folder: str | os.PathLike, model_type: str,
     plain = unwrap_model(model)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         # save_model (not save_file) de-duplicates tied tensors instead of refusing them
-        safetensors.torch.save_model(plain, str(tmp), metadata={"model_type": model_type})
+        # No metadata of our own (config.json carries it): safetensors stores the header's
+        # metadata as a hash map, so two or more entries come out in a different order on
+        # every save and the file would not be byte-identical across runs.
+        safetensors.torch.save_model(plain, str(tmp))
     info = {**(extra or {}), "model_type": model_type, "config": _config_dict(config)}
     write_json_atomic(folder / CONFIG_FILE, info)
     return folder

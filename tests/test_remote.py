@@ -1,0 +1,107 @@
+"""Team setup on one machine: a DVC remote on S3 (moto server) and MLflow on PostgreSQL
+(Debian's postgresql, a throwaway cluster) with its artifacts in the same S3.
+
+A retraining run of stand-in stages logs its runs to PostgreSQL, its artifacts and registered
+model to the bucket, and pushes the DVC outs; a fresh clone then restores the models with
+`dvc pull`. PostgreSQL missing is a failure with the install command, never a skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmpipe.io import md5_file
+from pipeline import testing as T
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def prefect_api(request):
+    T.shared_prefect_harness(120)
+    request.addfinalizer(T.close_shared_prefect_harness)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket="lmpipe")
+    yield {"endpoint": endpoint, "client": client, "env": creds}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    with T.postgres_cluster(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+def _keys(client, prefix: str) -> list[str]:
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="lmpipe", Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return out
+
+
+def test_postgres_binaries_are_installed():
+    T.find_pg_bin()  # fails with the apt-get command when missing
+
+
+def test_retrain_on_postgres_and_s3_then_pull_into_a_fresh_clone(
+        prefect_api, s3, postgres, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.remote import configure_dvc_remote
+    from pipeline.retrain import lmpipe_retrain
+
+    graph = {"download": [], "pretrain": ["download"]}
+    root = T.make_fake_project(tmp_path / "proj", graph)
+    env = {**s3["env"], "MLFLOW_TRACKING_URI": postgres,
+           "LMPIPE_ARTIFACT_URI": "s3://lmpipe/mlflow", "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"],
+           "LMPIPE_DVC_REMOTE": "s3://lmpipe/dvc", "LMPIPE_S3_ENDPOINT_URL": s3["endpoint"],
+           "LMPIPE_TRACKING": "on", "LMPIPE_ROOT": str(root)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("LMPIPE_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(root)
+
+    report = lmpipe_retrain(root=str(root))
+
+    # MLflow: runs in PostgreSQL, artifacts and the registered model in the bucket.
+    client = MlflowClient(postgres)
+    parent = client.get_run(report["pipeline"]["parent_run_id"])
+    assert parent.info.artifact_uri.startswith("s3://lmpipe/mlflow/")
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["dvc_stage"] for c in children} == set(graph)
+    keys = _keys(s3["client"], "mlflow/")
+    assert any(k.endswith(f"{parent.info.run_id}/artifacts/dvc.lock") for k in keys), keys
+    assert any(k.endswith("models/transformer/model.safetensors") for k in keys)
+    champ = client.get_model_version_by_alias("lmpipe-transformer", "champion")
+    assert champ.source.startswith("s3://lmpipe/mlflow/")
+
+    # DVC: pushed to the bucket; a fresh clone pulls the same bytes back.
+    assert "dvc push to lmpipe" in report["push"]
+    assert _keys(s3["client"], "dvc/")
+    T.sh(["git", "add", "dvc.lock", "metrics"], root)  # uncached outs live in git
+    T.sh(["git", "commit", "-q", "-m", "lock"], root)
+    clone = tmp_path / "clone"
+    T.sh(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    configure_dvc_remote(clone, "s3://lmpipe/dvc")
+    T.sh([str(T.BIN / "dvc"), "pull", "-q"], clone, T.test_env(**env))
+    model = Path("data/models/transformer/model.safetensors")
+    assert md5_file(clone / model) == md5_file(root / model)
+    status = T.sh([str(T.BIN / "dvc"), "status", "--json"], clone, T.test_env(**env)).stdout
+    assert status.strip() in ("{}", "")

@@ -333,6 +333,11 @@ def score_text(folder: str | os.PathLike, text: str, *, tokenizer=None, device: 
         raise InputError("nothing to score: the text is empty")
     ids = tok.encode_documents([text])
     loaded = load_for_scoring(folder, device=device, rnn_context=rnn_context)
+    # Trained with another tokenizer: a smaller vocabulary is caught by score_ids (an id it
+    # does not know), a larger one would score silently against the wrong pieces.
+    if _vocab_size(loaded) > tok.vocab_size:
+        raise InputError(f"{loaded.folder}: the model's vocabulary ({_vocab_size(loaded)}) is not "
+                         f"the tokenizer's ({tok.vocab_size}); retrain it with `dvc repro`")
     return score_ids(loaded, ids, len(text.encode("utf-8")), eos_id=tok.eos_id, stride=stride,
                      batch_size=batch_size, rnn_chunk=rnn_chunk, dtype=dtype, progress=progress,
                      stride_key=stride_key)

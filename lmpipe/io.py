@@ -22,13 +22,24 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _remove_stale_temps(target: Path) -> None:
-    """Remove temporaries a killed writer of `target` left behind (`.name.*.tmp`)."""
+    """Remove temporaries a killed writer of `target` left behind (`.name.*.tmp`).
+
+    A writer killed between atomic_dir's two renames leaves `target` absent and the previous
+    version at `.name.old-PID`: put that back (it is complete), so a failed rerun still
+    leaves the previous output in place; otherwise the old copy is garbage.
+    """
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
                 stale.unlink()
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists() and not target.is_symlink():
+            with contextlib.suppress(OSError):
+                os.replace(old, target)
+                continue
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask_mode(base: int) -> int:

@@ -176,8 +176,12 @@ def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_model(model_dir, device=device)
+    model, info = load_model(model_dir, device=device)
     tok = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else Tokenizer.load()
+    vocab, tok_vocab = int(info["config"]["vocab_size"]), getattr(tok, "vocab_size", None)
+    if tok_vocab is not None and vocab != tok_vocab:   # trained with another tokenizer
+        raise InputError(f"{model_dir}: the model's vocabulary ({vocab}) is not the tokenizer's "
+                         f"({tok_vocab}); retrain it with `dvc repro`")
     prompt_ids = list(tok.encode(prompt))
     context = _context_length(model) if isinstance(model, Transformer) else None
     if context is not None and len(prompt_ids) + 1 >= context:

@@ -20,6 +20,14 @@ from lmpipe.paths import project_root
 PARENT_RUN_ENV = "LMPIPE_PARENT_RUN_ID"
 
 
+class MLflowUnavailableWarning(RuntimeWarning):
+    """Raised once per stage when tracking is down; the WARNING line on stderr is what users see."""
+
+
+# Shown once as our own stderr line; the warnings machinery would print it a second time.
+warnings.filterwarnings("ignore", category=MLflowUnavailableWarning)
+
+
 class MetricLogger(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
@@ -147,7 +155,7 @@ class MLflowLogger:
             msg = f"lmpipe: MLflow unavailable for stage {self.stage!r} ({type(err).__name__}: {err}); "
             msg += f"continuing without it, metrics stay in metrics/{self.stage}.json"
             print(f"WARNING: {msg}", file=sys.stderr)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warnings.warn(msg, MLflowUnavailableWarning, stacklevel=3)
         self._client = None
 
     def _guard(self, fn, *args, **kwargs):

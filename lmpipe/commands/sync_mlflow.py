@@ -1,9 +1,14 @@
-"""`lmpipe sync-mlflow`: record the checkout's current DVC state as an MLflow run.
+"""`lmpipe sync-mlflow`: record the checkout's current DVC state in MLflow, and replay the
+stage runs MLflow missed.
 
-For work done outside the flow (a plain `dvc repro`, a `dvc pull` of a colleague's results):
-one run, like the flow's parent run, holding dvc.lock, every metrics/*.json, their numbers and
-the summary table, tagged with the git commit and `dvc_lock_md5_end`, so that
-`lmpipe lineage` finds the run that corresponds to this exact dvc.lock.
+For work done outside the flow (a plain `dvc repro`, a `dvc pull` of a colleague's results)
+or while the tracking store was down:
+- one run, like the flow's parent run, holding dvc.lock, every metrics/*.json, their numbers
+  and the summary table, tagged with the git commit and `dvc_lock_md5_end`, so that
+  `lmpipe lineage` finds the run that corresponds to this exact dvc.lock;
+- for each stage in dvc.lock that MLflow has no run of (rule in lmpipe/replay.py), a child
+  run rebuilt from its metrics file, loss plots and dvc.lock entry, tagged
+  `lmpipe.replayed=true`. A second sync finds those and replays nothing.
 """
 
 from __future__ import annotations
@@ -16,38 +21,64 @@ from lmpipe.paths import project_root
 def register(sub) -> None:
     p = sub.add_parser(
         "sync-mlflow",
-        help="log dvc.lock and metrics/*.json of this checkout to MLflow as one run",
+        help="log dvc.lock and metrics/*.json to MLflow and replay missing stage runs",
         description="Record the current DVC state (dvc.lock, metrics files, summary table) "
         "as an MLflow run tagged like the flow's parent run, for results produced outside "
-        "`lmpipe run` (a plain `dvc repro`, a `dvc pull`). Runs no stage.",
-        epilog="example: dvc repro && lmpipe sync-mlflow",
+        "`lmpipe run` (a plain `dvc repro`, a `dvc pull`). Then replay, as child runs of it, "
+        "the stage runs MLflow lacks (e.g. it was down while the stages ran): each gets the "
+        "stage's params and dep md5s from dvc.lock, the numbers of metrics/<stage>.json, "
+        "the per-step train_loss/val_loss/lr of plots/<stage>/loss.csv and the plots as "
+        "artifacts. A stage counts as present when a run tagged dvc_stage=<stage> carries "
+        "the md5 of its current dvc.lock entry or logged exactly the numbers of its metrics "
+        "file. Runs no stage.",
+        epilog="examples:\n"
+        "  dvc repro && lmpipe sync-mlflow\n"
+        "  MLFLOW_TRACKING_URI=http://mlflow:5000 lmpipe sync-mlflow   # after the server is back\n"
+        "  lmpipe sync-mlflow --no-replay      # only the pipeline-level run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: "
                    "tracking.experiment in params.yaml)")
+    p.add_argument("--no-replay", action="store_true",
+                   help="log only the pipeline-level run, replay no stage run")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lmpipe.errors import InputError
-    from lmpipe.tracking import MLflowLogger, git_state
+    from lmpipe.replay import replay_missing, stage_records
+    from lmpipe.tracking import MLflowLogger, default_tracking_uri, git_state
     from pipeline.flow import RunReport, dvc_lock_md5, finish_parent_run, load_flow_params
 
     root = project_root()
     if not (root / "dvc.lock").exists():
         raise InputError(f"{root / 'dvc.lock'}: nothing to sync yet (run the pipeline first)")
     experiment = args.experiment or load_flow_params(root).tracking.experiment
+    git = git_state(root)
+    # Read and check every stage's files before writing anything to MLflow.
+    records = [] if args.no_replay else stage_records(root, git)
     logger = MLflowLogger("pipeline", experiment=experiment)
     if not logger.run_id:
         print("lmpipe sync-mlflow: MLflow unavailable (see the warning above)")
         return 1
     logger.set_tags({"lmpipe.kind": "pipeline", "lmpipe.sync": "true",
-                     "dvc_lock_md5": dvc_lock_md5(root), **git_state(root)})
+                     "dvc_lock_md5": dvc_lock_md5(root), **git})
     report = RunReport(root=str(root), planned=[])
+    status = "FAILED"
     try:
         finish_parent_run(logger, root, report)
+        print(f"logged dvc.lock {report.dvc_lock_md5} and metrics/*.json to MLflow run "
+              f"{logger.run_id} (experiment {experiment!r})")
+        if records:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=default_tracking_uri())
+            exp_id = client.get_experiment_by_name(experiment).experiment_id
+            replayed = replay_missing(client, exp_id, records, logger.run_id, root)
+            logger.set_tags({"lmpipe.replayed_stages": ",".join(replayed) or "none"})
+            print(f"replayed {len(replayed)} of {len(records)} stage runs"
+                  + (f": {', '.join(replayed)}" if replayed else " (all already in MLflow)"))
+        status = "FINISHED"
     finally:
-        logger.close("FINISHED")
-    print(f"logged dvc.lock {report.dvc_lock_md5} and metrics/*.json to MLflow run "
-          f"{logger.run_id} (experiment {experiment!r})")
+        logger.close(status)
     return 0

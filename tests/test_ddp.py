@@ -1,0 +1,58 @@
+"""Data parallelism on CPU: `torchrun --standalone --nproc_per_node=2` with the gloo backend.
+
+Two processes with batch B read exactly the windows one process with batch 2B reads, and DDP
+averages their gradients, so the two runs follow the same trajectory up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer_helpers import PY, make_project, stage_env
+
+
+def _overlay(batch_size):
+    return {"pretrain": {"model": {"context_length": 32, "n_layer": 2, "n_head": 2,
+                                   "d_model": 32},
+                         "train": {"batch_size": batch_size, "max_steps": 12, "eval_every": 6,
+                                   "checkpoint_every": 6, "precision": "fp32", "threads": 1,
+                                   "lr": 3e-3, "warmup_steps": 2, "progress": False}}}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_one_process_with_the_doubled_batch(tmp_path):
+    ddp = make_project(tmp_path / "ddp", _overlay(4))
+    single = make_project(tmp_path / "single", _overlay(8))
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stages.pretrain"]
+    proc = subprocess.run(cmd, cwd=ddp, env=stage_env(ddp), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "world size 2" in proc.stderr
+    assert "the 2 DDP replicas hold identical weights" in proc.stderr
+    one = subprocess.run([PY, "-m", "stages.pretrain"], cwd=single, env=stage_env(single),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    m_ddp = json.loads((ddp / "metrics" / "pretrain.json").read_text())
+    m_one = json.loads((single / "metrics" / "pretrain.json").read_text())
+    assert m_ddp["tokens_seen"] == m_one["tokens_seen"] == 12 * 8 * 32
+    assert m_ddp["val_loss"] == pytest.approx(m_one["val_loss"], rel=1e-3)
+    rows = (ddp / "plots" / "pretrain" / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert losses[-1] < losses[0] - 0.1                         # it learns
+
+    w_ddp = load_file(ddp / "data" / "models" / "transformer" / "model.safetensors")
+    w_one = load_file(single / "data" / "models" / "transformer" / "model.safetensors")
+    assert w_ddp.keys() == w_one.keys()
+    for k in w_ddp:
+        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-3, atol=2e-4, msg=k)
+    # rank 0 alone wrote the checkpoints, and they hold both ranks' RNG states
+    ck = ddp / "data" / "checkpoints" / "pretrain" / "step-00000012"
+    rng = torch.load(ck / "rng.pt", weights_only=True)
+    assert len(rng) == 2

@@ -1,0 +1,215 @@
+"""Two clean runs of the whole pipeline give the same bytes: every out in dvc.lock compared.
+
+Two separate git + DVC copies of the project (each with its own fresh DVC cache and MLflow
+store) run `dvc repro` side by side. Every out's md5 in the two dvc.lock files must match,
+except the files that carry wall-clock measurements; those are compared with exactly those
+fields removed, and nothing else may differ (see WALL_CLOCK below for each field and why).
+
+The second copy runs with its MLflow server unreachable: the stages must complete anyway
+(warning once each), keep their metrics files, and `lmpipe sync-mlflow` afterwards records
+the metrics in a working store. MLflow plays no part in the outputs.
+
+Budget: the smoke profile with the training stages cut to a few steps, so that two full
+runs fit the CI budget on 2 cores. LMPIPE_REPRO_FULL=1 runs the unmodified smoke profile
+(checked by hand too: identical, see README "Reliability").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmpipe.config import deep_merge, dump_params, profile_dict
+from tests.pipeline_repo import make_repo, run
+
+FEW_STEPS = {"max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
+             "log_every": 2, "progress": False}
+SHORTER = {
+    "download": {"max_bytes": 100000, "instruct": {"max_rows": 64}},
+    "rnn": {"train": FEW_STEPS},
+    "pretrain": {"train": FEW_STEPS},
+    "sft": {"epochs": None, "train": {**FEW_STEPS, "max_tokens": None}},
+    "lora": {"epochs": None, "train": {**FEW_STEPS, "max_tokens": None}},
+    "evaluate": {"max_tokens": 1024},
+}
+STAGES = ["download", "tokenizer", "ngram", "rnn", "pretrain", "sft", "lora", "evaluate"]
+
+# Fields that measure wall-clock time or memory: they differ between any two runs by nature,
+# so they are removed before comparing; every other byte must be equal.
+WALL_CLOCK_KEY = re.compile(r"(seconds|per_second|peak_rss|elapsed)")
+REPORT_COLUMNS = re.compile(r"time \(s\)|tok/s")   # report.md table columns of timings
+# report.md names the git commit it ran from; each scratch copy has its own first commit.
+REPORT_COMMIT = re.compile(r"^- git commit: [0-9a-f]{40}$", re.M)
+
+
+def strip_wall_clock(obj):
+    if isinstance(obj, dict):
+        return {k: strip_wall_clock(v) for k, v in obj.items() if not WALL_CLOCK_KEY.search(k)}
+    if isinstance(obj, list):
+        return [strip_wall_clock(v) for v in obj]
+    return obj
+
+
+def normalise_report(text: str) -> str:
+    text = REPORT_COMMIT.sub("- git commit: <commit>", text)
+    out, masked = [], set()
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = line.strip("|").split("|")
+            if not set(line) <= set("|-: "):
+                if any(REPORT_COLUMNS.search(c) for c in cells):     # a header row
+                    masked = {i for i, c in enumerate(cells) if REPORT_COLUMNS.search(c)}
+                cells = ["<t>" if i in masked and not REPORT_COLUMNS.search(c) else c
+                         for i, c in enumerate(cells)]
+            line = "|".join(cells)
+        else:
+            masked = set()
+        out.append(line)
+    return "\n".join(out)
+
+
+def comparable(path: Path) -> str:
+    """A file's content with the wall-clock fields masked."""
+    if path.suffix == ".json":
+        return json.dumps(strip_wall_clock(json.loads(path.read_text())), sort_keys=True)
+    if path.name == "report.md":
+        return normalise_report(path.read_text())
+    return path.read_bytes().hex()
+
+
+def files_of(root: Path, rel: str) -> list[str]:
+    p = root / rel
+    if p.is_file():
+        return [rel]
+    return sorted(f.relative_to(root).as_posix() for f in p.rglob("*") if f.is_file())
+
+
+def lock_outs(root: Path) -> dict[str, str]:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs") or []}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, mirror):
+    params = profile_dict("smoke")
+    if not os.environ.get("LMPIPE_REPRO_FULL"):
+        params = deep_merge(params, SHORTER)
+    repos = []
+    for name in ("first", "second"):
+        root = tmp_path_factory.mktemp(f"repro-{name}")
+        env = make_repo(root, mirror)
+        (root / "params.yaml").write_text(dump_params(params))
+        run(["git", "commit", "-qam", "params"], root, env)
+        repos.append((root, env))
+    repos[1][1]["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"   # nothing listens
+    results: dict[int, object] = {}
+
+    def repro(i: int) -> None:
+        root, env = repos[i]
+        try:
+            results[i] = run(["dvc", "repro"], root, env, timeout=1500)
+        except BaseException as err:  # reported by the test
+            results[i] = err
+
+    threads = [threading.Thread(target=repro, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        if isinstance(results[i], BaseException):
+            raise results[i]
+    return repos, results
+
+
+def test_two_clean_runs_produce_identical_outs(two_runs):
+    (a, _), (b, _) = two_runs[0]
+    outs_a, outs_b = lock_outs(a), lock_outs(b)
+    assert set(outs_a) == set(outs_b)
+    lock_a = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
+    assert list(lock_a) == STAGES
+    identical = [p for p in outs_a if outs_a[p] == outs_b[p]]
+    differing = [p for p in outs_a if outs_a[p] != outs_b[p]]
+    # Every model, tokenizer, token file, corpus split and plot is byte-identical.
+    for must_match in ("data/corpus", "data/instruct", "data/tokenizer", "data/tokens",
+                       "data/models/ngram", "data/models/rnn", "data/models/transformer",
+                       "data/models/sft", "data/models/lora/adapter", "data/models/lora/merged",
+                       "plots/pretrain/loss.csv", "plots/pretrain/loss.png", "plots/rnn/loss.png"):
+        assert must_match in identical, f"{must_match} differs between two clean runs"
+    # The rest differ only in wall-clock fields.
+    for rel in differing:
+        files_a, files_b = files_of(a, rel), files_of(b, rel)
+        assert files_a == files_b, rel
+        for f in files_a:
+            assert comparable(a / f) == comparable(b / f), f"{f} differs beyond its wall-clock fields"
+    print(f"{len(identical)} of {len(outs_a)} outs byte-identical; wall-clock fields only: {differing}")
+
+
+def test_lineage_verify_is_clean_after_both_runs(two_runs):
+    for root, env in two_runs[0]:
+        proc = run(["lmpipe", "lineage", "--verify"], root, env, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "every DVC out matches dvc.lock" in proc.stdout
+
+
+def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_runs):
+    (a, env_a), (b, env_b) = two_runs[0]
+    log = two_runs[1][1].stdout + two_runs[1][1].stderr
+    warnings = re.findall(r"^WARNING: lmpipe: MLflow unavailable for stage '(\w+)'", log, re.M)
+    assert sorted(warnings) == sorted(STAGES), warnings        # each stage warned exactly once
+    for stage in STAGES:
+        assert (b / "metrics" / f"{stage}.json").is_file()
+    # The first run, with its store up, logged one run per stage.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lmpipe")
+    names = sorted(r.data.tags["dvc_stage"] for r in client.search_runs([exp.experiment_id]))
+    assert names == sorted(STAGES)
+
+    store = f"sqlite:///{b / 'mlflow-after.db'}"
+    proc = run(["lmpipe", "sync-mlflow"], b, {**env_b, "MLFLOW_TRACKING_URI": store})
+    assert "logged dvc.lock" in proc.stdout
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lmpipe")
+    (synced,) = client.search_runs([exp.experiment_id], "tags.`lmpipe.sync` = 'true'")
+    pretrain = json.loads((b / "metrics" / "pretrain.json").read_text())
+    logged = synced.data.metrics
+    match = [k for k in logged if k.endswith("val_bpb") and "pretrain" in k]
+    assert match and logged[match[0]] == pytest.approx(pretrain["val_bpb"]), sorted(logged)[:40]
+
+
+def test_sync_mlflow_replays_the_stage_runs_missed_while_mlflow_was_down(two_runs):
+    """Issue 8: `lmpipe sync-mlflow` replays the missing runs from the metrics and plots files.
+    The second copy ran with MLflow down, so its store lacks all eight stage runs."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    (_, _), (b, env_b) = two_runs[0]
+    store = f"sqlite:///{b / 'mlflow-replay.db'}"
+    run(["lmpipe", "sync-mlflow"], b, {**env_b, "MLFLOW_TRACKING_URI": store})
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lmpipe")
+    runs = {r.data.tags.get("dvc_stage"): r for r in client.search_runs([exp.experiment_id])}
+    assert set(STAGES) <= set(runs), f"stage runs replayed: {sorted(k for k in runs if k)}"
+    pretrain = runs["pretrain"]
+    metrics = json.loads((b / "metrics" / "pretrain.json").read_text())
+    assert pretrain.data.metrics["val_bpb"] == pytest.approx(metrics["val_bpb"])
+    with open(b / "plots" / "pretrain" / "loss.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train_loss"]]
+    history = client.get_metric_history(pretrain.info.run_id, "train_loss")
+    assert [int(m.step) for m in history] == [int(r["step"]) for r in rows]

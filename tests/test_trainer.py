@@ -1,0 +1,283 @@
+"""The shared trainer: it learns, its schedule and groups are right, the stages run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmpipe.batches import TokenBatches, eval_batches
+from lmpipe.models import build_model
+from lmpipe.trainer import (
+    NonFiniteLossError,
+    Runtime,
+    Trainer,
+    lr_at,
+    param_groups,
+    resolve_precision,
+)
+from trainer_helpers import make_project, markov_tokens, run_stage, safetensors_parts, tiny_train
+
+CPU = Runtime(device=torch.device("cpu"), dtype=None, threads=1)
+
+
+def tiny_transformer(vocab=32, T=16, dropout=0.0, tie=True):
+    torch.manual_seed(0)
+    return build_model("transformer", dict(vocab_size=vocab, context_length=T, n_layer=2,
+                                           n_head=2, d_model=32, dropout=dropout,
+                                           tie_embeddings=tie))
+
+
+# ----------------------------------------------------------------------------- schedule
+def test_warmup_then_cosine_values():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)          # (0 + 1) / 10
+    assert lr_at(4, **kw) == pytest.approx(0.5)
+    assert lr_at(9, **kw) == pytest.approx(1.0)          # warmup ends at the peak
+    assert lr_at(10, **kw) == pytest.approx(1.0)         # cosine starts at the peak
+    assert lr_at(60, **kw) == pytest.approx(0.55)        # halfway: (lr + min_lr) / 2
+    assert lr_at(110, **kw) == pytest.approx(0.1)        # ends at min_lr
+    assert lr_at(500, **kw) == pytest.approx(0.1)        # and stays there
+    assert lr_at(35, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
+    # a time budget drives the decay through `progress`
+    assert lr_at(50, **kw, progress=1.0) == pytest.approx(0.1)
+    assert lr_at(50, **kw, progress=0.5) == pytest.approx(0.55)
+    # no warmup
+    assert lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0)
+
+
+def test_time_budget_decays_to_min_lr(monkeypatch):
+    """With max_seconds the cosine follows the clock and the run stops at the budget."""
+    model = tiny_transformer()
+    toks = markov_tokens(3000, 32)
+    clock = iter(range(0, 10_000))   # perf_counter advances one "second" per call
+    import lmpipe.trainer as tr
+
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
+    cfg = tiny_train(max_steps=1000, max_seconds=20, warmup_steps=2, eval_every=1000)
+    t = Trainer(model, cfg, batches=TokenBatches(toks, 16, 4, seed=0), rt=CPU)
+    res = t.fit()
+    assert res.step < 1000 and res.seconds >= 20
+    lrs = [h["lr"] for h in res.history]
+    assert lrs[0] == pytest.approx(cfg.lr / 2)
+    assert max(lrs) == pytest.approx(cfg.lr)
+    assert lrs[-1] < 0.2 * cfg.lr                          # close to min_lr at the end
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warmup
+
+
+# ----------------------------------------------------------------------------- groups
+def test_weight_decay_and_muon_groups():
+    tied = tiny_transformer(tie=True)
+    g = param_groups(tied)
+    assert "embed.weight" in g.names["no_decay"]                  # embeddings never decay
+    assert all(n.endswith("weight") for n in g.names["decay"])
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.proj.weight"} <= set(g.names["decay"])
+    assert "norm.weight" in g.names["no_decay"] and "blocks.0.norm1.weight" in g.names["no_decay"]
+    assert all(p.ndim >= 2 for p in g.decay) and not g.muon
+    # each tensor exactly once (the tied head is the embedding)
+    all_ids = [id(p) for p in g.decay + g.no_decay + g.muon]
+    assert len(all_ids) == len(set(all_ids)) == len(list(tied.parameters()))
+
+    untied = tiny_transformer(tie=False)
+    g = param_groups(untied, use_muon=True)
+    assert "head.weight" in g.names["decay"]                      # a plain matrix, on AdamW
+    assert "embed.weight" in g.names["no_decay"]
+    assert "blocks.0.attn.qkv.weight" in g.names["muon"]
+    assert "blocks.1.mlp.fc.weight" in g.names["muon"]
+    assert not any("norm" in n for n in g.names["muon"] + g.names["decay"])
+
+    rnn = build_model("rnn", dict(vocab_size=32, d_embed=16, d_hidden=24, n_layer=2))
+    g = param_groups(rnn, use_muon=True)
+    assert {"layers.0.W_h.weight", "layers.1.W_x.weight"} <= set(g.names["muon"])
+    assert "layers.0.W_x.bias" in g.names["no_decay"] and "head.bias" in g.names["no_decay"]
+    assert "head.weight" in g.names["decay"]
+
+
+def test_muon_optimizer_trains():
+    model = tiny_transformer(tie=False)
+    toks = markov_tokens(3000, 32)
+    cfg = tiny_train(optimizer="muon", max_steps=30, lr=2e-2, eval_every=30)
+    t = Trainer(model, cfg, batches=TokenBatches(toks, 16, 8, seed=0), rt=CPU,
+                eval_batches=eval_batches(toks, 16, 8, 1))
+    assert [type(o).__name__ for o in t.optimizers] == ["AdamW", "Muon"]
+    res = t.fit()
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.5
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    auto = resolve_precision("auto", cpu)
+    assert auto in (None, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- learning
+def test_tiny_model_overfits_tiny_text():
+    """A 2-layer Transformer learns a tiny text (one 40-token line, written 10 times) to a
+    near-zero loss through the trainer (bf16 autocast where the CPU has it)."""
+    rng = np.random.default_rng(0)
+    text = np.tile(rng.permutation(np.arange(3, 43)), 10)
+    model = tiny_transformer(vocab=48, T=16)
+    cfg = tiny_train(max_steps=120, lr=1e-2, min_lr=1e-3, warmup_steps=10, weight_decay=0.0,
+                     batch_size=16, eval_every=120, precision="auto")
+    t = Trainer(model, cfg, batches=TokenBatches(text, 16, 16, seed=0), rt=None,
+                eval_batches=eval_batches(text, 16, 16, 1))
+    res = t.fit()
+    assert res.history[0]["train_loss"] > 3.0
+    assert res.train_loss < 0.05, res.train_loss
+    assert res.val_loss < 0.05   # the eval windows are the same text
+
+
+def test_grad_accumulation_equals_big_batch():
+    toks = markov_tokens(4000, 32)
+    grads = []
+    for bs, accum in ((8, 1), (4, 2), (2, 4)):
+        model = tiny_transformer()
+        t = Trainer(model, tiny_train(batch_size=bs, grad_accum=accum),
+                    batches=TokenBatches(toks, 16, bs, seed=3), rt=CPU)
+        loss = t.accumulate_gradients()
+        grads.append((loss, [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), *rest = grads
+    for loss, g in rest:
+        assert loss == pytest.approx(l0, rel=1e-5)
+        for a, b in zip(g0, g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_batches_are_split_across_ranks_without_changing_the_global_order():
+    toks = np.arange(500)
+    one = TokenBatches(toks, 8, 6, seed=1)
+    ranks = [TokenBatches(toks, 8, 3, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(40):   # crosses several epochs
+        x, y = one.next()
+        parts = [r.next() for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts]))
+        assert torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert torch.equal(x[:, 1:], y[:, :-1])              # targets are inputs shifted by one
+    assert one.epoch >= 2
+
+
+# ----------------------------------------------------------------------------- failures
+class NaNAfter(torch.nn.Module):
+    """Wraps a model; its loss turns NaN from the `bad_call`-th forward on."""
+
+    def __init__(self, inner, bad_call):
+        super().__init__()
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+        self.config = inner.config
+
+    def forward(self, idx, targets=None):
+        logits, loss = self.inner(idx, targets)
+        if targets is not None:
+            self.calls += 1
+            if self.calls >= self.bad_call:
+                loss = loss * float("nan")
+        return logits, loss
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    toks = markov_tokens(3000, 32)
+    model = NaNAfter(tiny_transformer(), bad_call=8)
+    cfg = tiny_train(max_steps=20, checkpoint_every=3, eval_every=100)
+    t = Trainer(model, cfg, batches=TokenBatches(toks, 16, 4, seed=0), rt=CPU,
+                checkpoint_dir=tmp_path / "ckpt", fingerprint={"run": 1})
+    with pytest.raises(NonFiniteLossError, match=r"at step 8\b") as info:
+        t.fit()
+    assert "step-00000006" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000003", "step-00000006"]
+    # the kept checkpoint is good: finite weights
+    from safetensors.torch import load_file
+
+    w = load_file(tmp_path / "ckpt" / "step-00000006" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+
+# ----------------------------------------------------------------------------- the stages
+METRIC_KEYS = {"train_loss", "val_loss", "val_ppl", "val_bpb", "params", "tokens_seen",
+               "train_seconds", "tokens_per_second"}
+
+
+@pytest.mark.parametrize("stage,model_dir", [("pretrain", "transformer"), ("rnn", "rnn")])
+def test_stage_end_to_end(tmp_path, stage, model_dir):
+    root = make_project(tmp_path / stage, {stage: {"train": {"max_steps": 12, "eval_every": 5,
+                                                             "checkpoint_every": 5,
+                                                             "threads": 1}}})
+    proc = run_stage(stage, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((root / "metrics" / f"{stage}.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["tokens_seen"] > 0 and metrics["params"] > 0
+    assert math.isfinite(metrics["val_bpb"]) and metrics["val_ppl"] > 1
+    assert metrics["val_loss"] < math.log(64)   # learned something beyond uniform
+    assert metrics["val_tokens"] == 1500
+    csv = (root / "plots" / stage / "loss.csv").read_text().splitlines()
+    assert csv[0] == "step,tokens,train_loss,val_loss,lr" and len(csv) == 13
+    assert (root / "plots" / stage / "loss.png").stat().st_size > 1000
+    cfg = json.loads((root / "data" / "models" / model_dir / "config.json").read_text())
+    assert cfg["model_type"] == ("transformer" if stage == "pretrain" else "rnn")
+    assert cfg["config"]["vocab_size"] == 64
+    ckpts = sorted(p.name for p in (root / "data" / "checkpoints" / stage).iterdir())
+    assert ckpts == ["step-00000010", "step-00000012"]
+    # run again: resumes at the final checkpoint, trains nothing, same weights
+    weights = root / "data" / "models" / model_dir / "model.safetensors"
+    before = safetensors_parts(weights)
+    again = run_stage(stage, root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    assert safetensors_parts(weights) == before
+
+
+@pytest.mark.parametrize("stage,overlay,key", [
+    ("pretrain", {"pretrain": {"model": {"context_length": 0}}},
+     "pretrain.model.context_length: must be >= 1"),
+    ("rnn", {"rnn": {"train": {"lr": -1}}}, "rnn.train.lr"),
+    ("pretrain", {"pretrain": {"train": {"min_lr": 1.0, "lr": 0.1}}}, "pretrain.train"),
+    ("pretrain", {"pretrain": {"model": {"n_head": 3}}}, "n_head"),
+    ("rnn", {"rnn": {"train": {"optimizer": "sgd"}}}, "rnn.train.optimizer"),
+])
+def test_stage_bad_params_exit_2_naming_the_key(tmp_path, stage, overlay, key):
+    root = make_project(tmp_path, overlay)
+    proc = run_stage(stage, root, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert key in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_stage_without_tokens_exits_2(tmp_path):
+    root = make_project(tmp_path)
+    for f in (root / "data" / "tokens").iterdir():
+        f.unlink()
+    proc = run_stage("pretrain", root, timeout=120)
+    assert proc.returncode == 2 and "meta.json" in proc.stderr
+
+
+def test_context_longer_than_the_data_exits_2(tmp_path):
+    root = make_project(tmp_path, {"rnn": {"context_length": 5000}}, n_train=3000)
+    proc = run_stage("rnn", root, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train split has 3000 tokens" in proc.stderr
+
+
+def test_stage_logs_to_mlflow(project, mlflow_uri):
+    """Per-step train loss and lr, per-eval val loss and the final metrics reach MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer_helpers import make_project as mk
+
+    mk(project, {"pretrain": {"train": {"max_steps": 6, "eval_every": 3, "log_every": 1,
+                                        "threads": 1}},
+                 "tracking": {"experiment": "trainer-test"}})
+    proc = run_stage("pretrain", project, tracking=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("trainer-test")
+    run = client.search_runs([exp.experiment_id])[0]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")][:2] == [3, 6]
+    assert len(client.get_metric_history(run.info.run_id, "lr")) >= 6
+    assert "val_bpb" in run.data.metrics and run.data.params["pretrain.model.n_layer"] == "2"

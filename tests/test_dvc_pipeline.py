@@ -77,3 +77,42 @@ def test_bad_params_stop_the_stage_with_exit_2(repo):
     assert proc.returncode == 2
     assert "tokenizer.vocab_size: must be >= 256, got 12" in proc.stderr
     assert (root / "data" / "tokenizer" / "tokenizer.model").read_bytes() == before
+
+
+def test_readme_compare_commands_work(repo):
+    """README: `dvc exp run -S ...` re-runs with a changed param; `mlflow ui` serves the runs."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    root, env = repo
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "before experiment", "--allow-empty"], root, env)
+    exp = run(["dvc", "exp", "run", "-S", "tokenizer.vocab_size=512", "tokenizer"], root, env)
+    assert "Running stage 'tokenizer'" in exp.stdout, exp.stdout
+    assert json.loads((root / "metrics" / "tokenizer.json").read_text())["vocab_size"] == 512
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen(
+        ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"],
+        cwd=root, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10"
+        deadline, body = time.time() + 120, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "mlflow ui did not answer within 120 s"
+        assert "lmpipe" in [e["name"] for e in body["experiments"]]
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)

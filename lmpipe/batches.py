@@ -23,8 +23,6 @@ import torch
 
 from lmpipe.errors import InputError
 
-IGNORE_INDEX = -100
-
 
 def read_tokens(split: str) -> np.ndarray:
     """The token ids of one split, memory-mapped (``lmpipe.tokenizer.load_tokens``)."""

@@ -96,5 +96,4 @@ def write_loss_plots(folder: str | Path, rows: list[Mapping[str, Any]], title: s
             "png": write_loss_png(folder / "loss.png", rows, title)}
 
 
-__all__ = ["COLUMNS", "read_loss_csv", "write_loss_csv", "write_loss_png", "write_loss_plots",
-           "write_text_atomic"]
+__all__ = ["COLUMNS", "read_loss_csv", "write_loss_csv", "write_loss_png", "write_loss_plots"]

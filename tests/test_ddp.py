@@ -16,18 +16,23 @@ from safetensors.torch import load_file
 from trainer_helpers import PY, make_project, stage_env
 
 
-def _overlay(batch_size):
+def _overlay(batch_size, optimizer):
     return {"pretrain": {"model": {"context_length": 32, "n_layer": 2, "n_head": 2,
                                    "d_model": 32},
-                         "train": {"batch_size": batch_size, "max_steps": 12, "eval_every": 6,
+                         "train": {"optimizer": optimizer, "batch_size": batch_size,
+                                   "max_steps": 12, "eval_every": 6,
                                    "checkpoint_every": 6, "precision": "fp32", "threads": 1,
                                    "lr": 3e-3, "warmup_steps": 2, "progress": False}}}
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_matches_one_process_with_the_doubled_batch(tmp_path):
-    ddp = make_project(tmp_path / "ddp", _overlay(4))
-    single = make_project(tmp_path / "single", _overlay(8))
+@pytest.mark.parametrize("optimizer,atol", [("adamw", 2e-5), ("muon", 1e-3)])
+def test_torchrun_two_processes_matches_one_process_with_the_doubled_batch(tmp_path, optimizer,
+                                                                            atol):
+    """AdamW in fp32 follows the single-process run to float rounding; Muon's Newton-Schulz
+    iterations run in bf16 and amplify the rounding differences a little (~0.3% here)."""
+    ddp = make_project(tmp_path / "ddp", _overlay(4, optimizer))
+    single = make_project(tmp_path / "single", _overlay(8, optimizer))
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "stages.pretrain"]
     proc = subprocess.run(cmd, cwd=ddp, env=stage_env(ddp), capture_output=True, text=True,
@@ -51,7 +56,7 @@ def test_torchrun_two_processes_matches_one_process_with_the_doubled_batch(tmp_p
     w_one = load_file(single / "data" / "models" / "transformer" / "model.safetensors")
     assert w_ddp.keys() == w_one.keys()
     for k in w_ddp:
-        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-3, atol=2e-4, msg=k)
+        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-3, atol=atol, msg=k)
     # rank 0 alone wrote the checkpoints, and they hold both ranks' RNG states
     ck = ddp / "data" / "checkpoints" / "pretrain" / "step-00000012"
     rng = torch.load(ck / "rng.pt", weights_only=True)

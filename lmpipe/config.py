@@ -294,6 +294,10 @@ class TrainParams(Section):
     compile: bool = Field(default=False, description="torch.compile the model")
     threads: int = Field(
         default=0, ge=0, description="CPU threads per process; 0 = all cores, split over local ranks")
+    nproc_per_node: int = Field(
+        default=1, ge=1, le=64,
+        description="processes (devices) on this machine; > 1 re-launches the stage under "
+        "torchrun with DistributedDataParallel (multi-node: run torchrun yourself)")
     optimizer: Literal["adamw", "muon"] = Field(
         default="adamw",
         description="muon: torch.optim.Muon for the 2-D hidden matrices, AdamW for the rest")

@@ -26,6 +26,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def relaunch_distributed(name: str, nproc: int) -> int | None:
+    """Re-run stage `name` under torchrun with `nproc` processes, unless already under it.
+
+    Returns torchrun's exit code, or None when the stage should simply run in this process.
+    """
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", f"stages.{name}"]
+    print(f"stage {name}: launching {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    return subprocess.run(cmd).returncode
+
+
 def run_stage(name: str, main: Callable[[Params], None], argv: list[str] | None = None) -> int:
     """Load params.yaml, run `main(params)`, map failures to the project's exit codes.
 
@@ -35,6 +50,10 @@ def run_stage(name: str, main: Callable[[Params], None], argv: list[str] | None 
     params_file = os.environ.get("LMPIPE_PARAMS", str(project_root() / "params.yaml"))
     try:
         params = load_params(params_file)
+        train = getattr(getattr(params, name, None), "train", None)
+        code = relaunch_distributed(name, getattr(train, "nproc_per_node", 1))
+        if code is not None:
+            return EXIT_OK if code == 0 else EXIT_FAILURE
         main(params)
     except InputError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)

@@ -61,3 +61,20 @@ def test_torchrun_two_processes_matches_one_process_with_the_doubled_batch(tmp_p
     ck = ddp / "data" / "checkpoints" / "pretrain" / "step-00000012"
     rng = torch.load(ck / "rng.pt", weights_only=True)
     assert len(rng) == 2
+
+
+@pytest.mark.slow
+def test_nproc_param_relaunches_the_stage_under_torchrun(tmp_path):
+    """`train.nproc_per_node: 2` in params is all it takes: the plain stage command (what
+    `dvc repro` runs) re-launches itself under torchrun with DistributedDataParallel."""
+    overlay = _overlay(4, "adamw")
+    overlay["pretrain"]["train"].update(nproc_per_node=2, max_steps=4, eval_every=4,
+                                        checkpoint_every=4)
+    project = make_project(tmp_path / "p", overlay)
+    proc = subprocess.run([PY, "-m", "stages.pretrain"], cwd=project, env=stage_env(project),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "launching 2 processes" in proc.stderr
+    assert "world size 2" in proc.stderr
+    metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
+    assert metrics["tokens_seen"] == 4 * 2 * 4 * 32   # steps x ranks x batch x context

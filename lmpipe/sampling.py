@@ -105,9 +105,9 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
     model.eval().to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     stops = {int(s) for s in stop_ids}
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)   # [1, L], grows by one a step
+    # prompt then generated ids, [1, L + max_new_tokens]; buffer[:, :n] is filled
     buffer = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=device)
-    buffer[:, :len(prompt)] = ids
+    buffer[:, :len(prompt)] = torch.tensor([prompt], dtype=torch.long, device=device)
     n = len(prompt)
     out: list[int] = []
 
@@ -116,45 +116,38 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
                           buffer[:, :n] if repetition_penalty != 1.0 else None, generator)
         return int(nxt.item())
 
+    # One way to get the next logits per model kind; the sampling loop below is shared.
+    if isinstance(model, RNNLM):
+        state = None
+
+        def step(end: int, start: int) -> torch.Tensor:   # read buffer[start:end], carry state
+            nonlocal state
+            logits, _, state = model(buffer[:, start:end], state=state, return_state=True)
+            return logits
+    elif use_cache:
+        cache = model.new_kv_cache(1, min(context, n + max_new_tokens), device=device)
+
+        def step(end: int, start: int) -> torch.Tensor:
+            if cache.length >= cache.max_len:   # context full: restart from its last half
+                cache.reset()
+                start = end - context // 2 - 1
+            return model(buffer[:, start:end], kv_cache=cache)[0]
+    else:
+        def step(end: int, start: int) -> torch.Tensor:   # recompute the last context ids
+            return model(buffer[:, max(0, end - context):end])[0]
+
     try:
-        if isinstance(model, RNNLM):
-            logits, _, state = model(ids, return_state=True)
-            for _ in range(max_new_tokens):
-                tok = pick(logits)
-                if tok in stops:
-                    break
-                out.append(tok)
-                buffer[0, n] = tok
-                n += 1
-                if len(out) == max_new_tokens:
-                    break
-                logits, _, state = model(buffer[:, n - 1:n], state=state, return_state=True)
-        elif use_cache:
-            cache = model.new_kv_cache(1, min(context, n + max_new_tokens), device=device)
-            logits, _ = model(ids, kv_cache=cache)
-            for _ in range(max_new_tokens):
-                tok = pick(logits)
-                if tok in stops:
-                    break
-                out.append(tok)
-                buffer[0, n] = tok
-                n += 1
-                if len(out) == max_new_tokens:
-                    break
-                if cache.length >= cache.max_len:   # context full: restart from its last half
-                    cache.reset()
-                    logits, _ = model(buffer[:, n - context // 2 - 1:n], kv_cache=cache)
-                else:
-                    logits, _ = model(buffer[:, n - 1:n], kv_cache=cache)
-        else:
-            for _ in range(max_new_tokens):
-                logits, _ = model(buffer[:, max(0, n - context):n])
-                tok = pick(logits)
-                if tok in stops:
-                    break
-                out.append(tok)
-                buffer[0, n] = tok
-                n += 1
+        logits = step(n, 0)
+        for _ in range(max_new_tokens):
+            tok = pick(logits)
+            if tok in stops:
+                break
+            out.append(tok)
+            buffer[0, n] = tok
+            n += 1
+            if len(out) == max_new_tokens:
+                break
+            logits = step(n, n - 1)
     finally:
         model.train(was_training)
     return out

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from lmpipe.chat_template import DEFAULT_SYSTEM
+from lmpipe.commands.generate import check_sampling_args
 from lmpipe.errors import InputError
 from lmpipe.paths import models_dir
 
@@ -59,18 +60,6 @@ def model_folder(name: str):
     return folder
 
 
-def _check(args) -> None:
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise InputError(f"--temperature: must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise InputError(f"--top-k: must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty <= 0:
-        raise InputError(f"--repetition-penalty: must be > 0, got {args.repetition_penalty}")
-
 
 def run(args) -> int:
     import torch
@@ -79,7 +68,7 @@ def run(args) -> int:
     from lmpipe.models import load_model
     from lmpipe.tokenizer import Tokenizer
 
-    _check(args)
+    check_sampling_args(args)
     folder = model_folder(args.model)
     tok = Tokenizer.load()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

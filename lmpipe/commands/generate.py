@@ -39,11 +39,22 @@ def model_folder(name: str):
     return folder
 
 
-def run(args) -> int:
+def check_sampling_args(args) -> None:
+    """The sampling flags shared by `generate` and `chat`, checked before any model loads."""
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise InputError(f"--temperature: must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top-k: must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise InputError(f"--repetition-penalty: must be > 0, got {args.repetition_penalty}")
+
+
+def run(args) -> int:
+    check_sampling_args(args)
     folder = model_folder(args.model)
     if args.model == "lora":
         folder = folder / "merged"  # the adapter merged into its base: a plain model folder

@@ -58,7 +58,7 @@ def _documents(folder: Path) -> list[str]:
 
 def tokenised_corpus(vocab: int, cache: Path) -> tuple[Path, dict]:
     """(path of the .npy token stream, info), trained and encoded once then cached."""
-    from lmpipe.tokenizer import train_tokenizer
+    from lmpipe.tokenizer.training import train_tokenizer
 
     folder = _mirror() / "gutenberg"
     docs = _documents(folder)
@@ -100,7 +100,9 @@ def _peak_mb() -> float:
 
 def worker(args) -> dict:
     """One order in this (fresh) process; prints a JSON line."""
-    from lmpipe.ngram import NgramModel, estimate, write_arpa
+    from lmpipe.ngram.arpa import write_arpa
+    from lmpipe.ngram.estimate import estimate
+    from lmpipe.ngram.model import NgramModel
 
     info = json.loads(Path(args.tokens).with_suffix(".json").read_text())
     ids = np.load(args.tokens)

@@ -12,7 +12,7 @@ Measures, in the same process one after the other:
     change on a shared machine hits both sides of each comparison alike:
         FLOPs per token = 6 N + 12 n_layer d_model T     (PaLM / nanoGPT; attention's
         causal half is not discounted; N counts every parameter once, tied ones included)
-  * KV-cache against no-cache generation of 256 new tokens (`lmpipe.sampling.generate`,
+  * KV-cache against no-cache generation of 256 new tokens (`lmpipe.models.sampling.generate`,
     greedy, fp32).
 Targets (issue 4): bf16 training >= 2.5x fp32, MFU >= 20%, cached generation >= 5x.
 
@@ -37,10 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmpipe.batches import TokenBatches  # noqa: E402
-from lmpipe.config import TrainParams, profile_dict  # noqa: E402
-from lmpipe.models import build_model, count_parameters  # noqa: E402
-from lmpipe.trainer import Runtime, Trainer, cpu_supports_bf16, resolve_device  # noqa: E402
+from lmpipe.core.params import TrainParams
+from lmpipe.core.profiles import profile_dict  # noqa: E402
+from lmpipe.data.batches import TokenBatches  # noqa: E402
+from lmpipe.models.store import build_model, count_parameters  # noqa: E402
+from lmpipe.train.runtime import Runtime, cpu_supports_bf16, resolve_device
+from lmpipe.train.trainer import Trainer  # noqa: E402
 
 TARGETS = {"bf16_speedup": 2.5, "mfu": 0.20, "cache_speedup": 5.0}
 
@@ -139,7 +141,7 @@ def training_speed(model_cfg: dict, train: TrainParams, context: int, device: to
 def generation_speed(model_cfg: dict, device: torch.device, new_tokens: int = 256,
                      prompt_len: int = 8, rounds: int = 2) -> dict:
     """Greedy generation with and without the KV cache, alternated; the ratio is the median."""
-    from lmpipe.sampling import generate
+    from lmpipe.models.sampling import generate
 
     torch.manual_seed(0)
     model = build_model("transformer", model_cfg).to(device).eval()

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
-import math
+import logging
 import os
 import re
 import subprocess
@@ -35,12 +34,19 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lmpipe.errors import EXIT_BAD_INPUT, InputError
-from lmpipe.io import md5_file
-from lmpipe.paths import project_root
-from lmpipe.tracking import PARENT_RUN_ENV
-from pipeline.graph import StageGraph, dvc_bin, dvc_env, read_stage_graph
+from lmpipe.core.dvc_cli import dvc_bin, dvc_env
+from lmpipe.core.errors import EXIT_BAD_INPUT, InputError
+from lmpipe.core.git import git_state
+from lmpipe.core.metric_logger import NullLogger, stage_logger
+from lmpipe.core.names import PARENT_RUN_ENV
+from lmpipe.core.params import PipelineParams, TrackingParams, format_validation_error, read_yaml
+from lmpipe.core.paths import project_root
+from lmpipe.core.records import lock_md5
+from lmpipe.tracking.pipeline_run import finish_pipeline_run
+from pipeline.graph import StageGraph, read_stage_graph
 from pipeline.lock import RunLock, repro_lock
 
 _EXITED = re.compile(r"exited with (-?\d+)")
@@ -176,7 +182,7 @@ def repro_stage(
     log_dir: str | None = None,
 ) -> dict[str, Any]:
     """One DVC stage as a Prefect task."""
-    logger = _logger()
+    logger = run_logger()
     logger.info("dvc repro --single-item %s", stage)
     # Each line of the stage's output goes to the Prefect log too (the UI shows it live).
     result = run_dvc_repro(stage, root, parent_run_id, force, tail_lines, log_dir,
@@ -186,101 +192,11 @@ def repro_stage(
     return result
 
 
-def _logger():
+def run_logger():
     try:
         return get_run_logger()
     except Exception:  # outside a run (`.fn()` in tests)
-        import logging
-
         return logging.getLogger("lmpipe.pipeline")
-
-
-# ----------------------------------------------------------------------------- reporting
-PREFERRED = ("test_bpb", "test_ppl", "val_bpb", "val_ppl", "val_loss", "train_seconds",
-             "tokens_per_second", "params")
-
-
-def read_metrics(root: str | os.PathLike) -> dict[str, dict]:
-    """metrics/<stage>.json of every stage that has one."""
-    out = {}
-    for path in sorted((Path(root) / "metrics").glob("*.json")):
-        try:
-            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) else f"{value:.1f}"
-    return str(value)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _table(rows: list[tuple[str, dict]], first: str) -> str:
-    cols: list[str] = [c for c in PREFERRED if any(c in r for _, r in rows)]
-    extra = sorted({k for _, r in rows for k, v in r.items() if _is_number(v)} - set(cols))
-    cols += extra
-    lines = [f"| {first} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[c]) if c in r else "" for c in cols)
-                     + " |")
-    return "\n".join(lines)
-
-
-def metrics_markdown(metrics: dict[str, dict], stage_results: list[dict] | None = None) -> str:
-    """The run's table: metrics/evaluate.json (one row per model) when present, else one row
-    per stage from its metrics file."""
-    parts = []
-    evaluate = metrics.get("evaluate")
-    if isinstance(evaluate, dict) and any(isinstance(v, dict) for v in evaluate.values()):
-        rows = [(m, v) for m, v in evaluate.items() if isinstance(v, dict)]
-        rows.sort(key=lambda r: (r[1].get("test_bpb", float("inf"))
-                                 if _is_number(r[1].get("test_bpb")) else float("inf"), r[0]))
-        parts += ["## lmpipe evaluation (metrics/evaluate.json)", "", _table(rows, "model")]
-    else:
-        rows = [(s, {k: v for k, v in m.items() if _is_number(v)})
-                for s, m in metrics.items() if isinstance(m, dict)]
-        if rows:
-            parts += ["## lmpipe stage metrics (metrics/*.json)", "", _table(rows, "stage")]
-        else:
-            parts += ["## lmpipe run", "", "No metrics files yet."]
-    if stage_results:
-        parts += ["", "| stage | outcome | seconds |", "|---|---|---|"]
-        for r in stage_results:
-            parts.append(f"| {r['stage']} | {r['outcome']} | {_fmt(r.get('seconds'))} |")
-    return "\n".join(parts) + "\n"
-
-
-def flat_numeric_metrics(metrics: dict[str, dict]) -> dict[str, float]:
-    out = {}
-
-    def walk(prefix: str, obj: Any):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif _is_number(obj) and math.isfinite(obj):
-            out[prefix] = float(obj)
-
-    walk("", metrics)
-    return out
-
-
-def dvc_lock_md5(root: str | os.PathLike) -> str:
-    path = Path(root) / "dvc.lock"
-    return md5_file(path) if path.exists() else "none"
 
 
 # ----------------------------------------------------------------------------- task runners
@@ -293,12 +209,10 @@ def make_task_runner(name: str):
     if name in (None, "", "sequential"):
         return None
     if name == "thread":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
         return ThreadPoolTaskRunner(max_workers=int(os.environ.get("LMPIPE_MAX_WORKERS", "4")))
     if name == "dask":
         try:
-            from prefect_dask import DaskTaskRunner
+            from prefect_dask import DaskTaskRunner  # deferred: an optional extra
         except ImportError:
             raise InputError("task runner 'dask' needs `pip install prefect-dask`") from None
         address = os.environ.get("LMPIPE_DASK_ADDRESS")
@@ -309,7 +223,7 @@ def make_task_runner(name: str):
                                               "processes": False, "dashboard_address": None})
     if name == "ray":
         try:
-            from prefect_ray import RayTaskRunner
+            from prefect_ray import RayTaskRunner  # deferred: an optional extra
         except ImportError:
             raise InputError("task runner 'ray' needs `pip install prefect-ray`") from None
         return RayTaskRunner(address=os.environ.get("LMPIPE_RAY_ADDRESS"))
@@ -332,22 +246,21 @@ class RunReport:
         return dict(self.__dict__)
 
 
-def load_flow_params(root: Path, params_file: str | None = None):
+class FlowSections(BaseModel):
+    """The sections of params.yaml the flow itself reads; the stages check the rest."""
+
+    model_config = ConfigDict(extra="ignore")
+    pipeline: PipelineParams = Field(default_factory=PipelineParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+
+def load_flow_params(root: Path, params_file: str | None = None) -> FlowSections:
     """The `pipeline` and `tracking` sections of params.yaml, validated (`.pipeline`,
     `.tracking`).
 
     The other sections belong to the stages, which validate the whole file themselves (and
     exit 2 on an error, which the flow reports without retrying).
     """
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-    from lmpipe.config import PipelineParams, TrackingParams, _format_error, read_yaml
-
-    class FlowSections(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        pipeline: PipelineParams = Field(default_factory=PipelineParams)
-        tracking: TrackingParams = Field(default_factory=TrackingParams)
-
     path = Path(params_file) if params_file else root / "params.yaml"
     raw = (read_yaml(path) if path.exists() else None) or {}
     if not isinstance(raw, dict):
@@ -356,12 +269,10 @@ def load_flow_params(root: Path, params_file: str | None = None):
     try:
         return FlowSections.model_validate(raw)
     except ValidationError as err:
-        raise InputError(f"{path}: {_format_error(err)}") from None
+        raise InputError(f"{path}: {format_validation_error(err)}") from None
 
 
 def _open_parent_run(experiment: str):
-    from lmpipe.tracking import NullLogger, stage_logger
-
     # The parent must not itself become a child of a stale id in the environment.
     stale = os.environ.pop(PARENT_RUN_ENV, None)
     try:
@@ -374,7 +285,7 @@ def _open_parent_run(experiment: str):
 
 def _flow_run_id() -> str | None:
     try:
-        from prefect.runtime import flow_run
+        from prefect.runtime import flow_run  # deferred: only meaningful inside a flow run
 
         return flow_run.id
     except Exception:  # pragma: no cover
@@ -442,33 +353,14 @@ def run_stages(
     return results, failures, skipped
 
 
-def finish_parent_run(parent, root: Path, report: RunReport) -> None:
-    """dvc.lock, metrics files, numeric metrics and the table go to the parent run."""
-    metrics = read_metrics(root)
-    report.markdown = metrics_markdown(metrics, report.results)
-    report.dvc_lock_md5 = dvc_lock_md5(root)
-    lock = root / "dvc.lock"
-    if lock.exists():
-        parent.log_artifact(lock)
-    for path in sorted((root / "metrics").glob("*.json")):
-        parent.log_artifact(path, "metrics")
-    parent.log_metrics(flat_numeric_metrics(metrics))
-    parent.log_text(report.markdown, "summary.md")
-    parent.set_tags({
-        "dvc_lock_md5_end": report.dvc_lock_md5,
-        "lmpipe.outcome": "failed" if report.failures else "ok",
-        "lmpipe.failed_stages": ",".join(report.failures) or "none",
-    })
-
-
 def publish_markdown(markdown: str, key: str = "lmpipe-metrics") -> None:
     try:
-        from prefect.artifacts import create_markdown_artifact
+        from prefect.artifacts import create_markdown_artifact  # deferred: needs a flow run
 
         create_markdown_artifact(markdown=markdown, key=key,
                                  description="lmpipe: metrics of the pipeline run")
     except Exception as err:  # pragma: no cover - no API (plain `.fn()` call)
-        _logger().warning("could not publish the markdown artifact: %s", err)
+        run_logger().warning("could not publish the markdown artifact: %s", err)
 
 
 def pipeline_body(
@@ -480,12 +372,12 @@ def pipeline_body(
     params_file: str | None = None,
 ) -> dict:
     root_path = Path(root).resolve() if root else project_root()
-    with _root_env(root_path):
+    with root_env(root_path):
         return _pipeline_body(root_path, stages, force, lock_wait_s, task_runner, params_file)
 
 
 @contextlib.contextmanager
-def _root_env(root: Path):
+def root_env(root: Path):
     """Stages, MLflow's default store and git_state() all resolve the root the same way."""
     old = os.environ.get("LMPIPE_ROOT")
     os.environ["LMPIPE_ROOT"] = str(root)
@@ -502,7 +394,7 @@ def _pipeline_body(root_path: Path, stages, force, lock_wait_s, task_runner, par
     params = load_flow_params(root_path, params_file)
     wait = params.pipeline.lock_wait_s if lock_wait_s is None else lock_wait_s
     runner_name = task_runner or params.pipeline.task_runner
-    logger = _logger()
+    logger = run_logger()
     with RunLock(root_path, wait_s=wait, stages=stages):
         graph = read_stage_graph(root_path)
         order = graph.resolve(stages)
@@ -517,11 +409,9 @@ def _pipeline_body(root_path: Path, stages, force, lock_wait_s, task_runner, par
             logger.info("stages, upstream first: %s", " -> ".join(order))
         parent = _open_parent_run(params.tracking.experiment)
         report.parent_run_id = parent.run_id
-        from lmpipe.tracking import git_state
-
         parent.set_tags({
             "lmpipe.kind": "pipeline",
-            "dvc_lock_md5": dvc_lock_md5(root_path),
+            "dvc_lock_md5": lock_md5(root_path),
             "lmpipe.stages": ",".join(order) or "none",
             "lmpipe.requested": ",".join(stages) if stages else "all",
             "prefect.flow_run_id": _flow_run_id() or "none",
@@ -535,7 +425,8 @@ def _pipeline_body(root_path: Path, stages, force, lock_wait_s, task_runner, par
             status = "FAILED" if report.failures else "FINISHED"
         finally:
             try:
-                finish_parent_run(parent, root_path, report)
+                report.markdown, report.dvc_lock_md5 = finish_pipeline_run(
+                    parent, root_path, report.results, report.failures)
             finally:
                 parent.close(status)
         publish_markdown(report.markdown)
@@ -559,13 +450,3 @@ def lmpipe_pipeline(
     pipeline.lock_wait_s (0 fail at once when another run holds the checkout, -1 wait).
     """
     return pipeline_body(stages, force, root, lock_wait_s, task_runner)
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m pipeline.flow`
-    from lmpipe.cli import main as cli_main
-
-    return cli_main(["run", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

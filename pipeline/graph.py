@@ -13,36 +13,13 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmpipe.errors import InputError
-from lmpipe.paths import STAGES
+from lmpipe.core.dvc_cli import dvc_bin, dvc_env
+from lmpipe.core.errors import InputError
+from lmpipe.core.names import STAGES
+from lmpipe.core.records import read_dvc_yaml
 
 _NODE = re.compile(r'^\s*"([^"]+)";\s*$')
 _EDGE = re.compile(r'^\s*"([^"]+)"\s*->\s*"([^"]+)";\s*$')
-
-
-def dvc_bin() -> str:
-    """The `dvc` beside the running interpreter (the project's venv), else the one on PATH."""
-    import shutil
-    import sys
-
-    beside = Path(sys.executable).with_name("dvc")
-    if beside.exists():
-        return str(beside)
-    return shutil.which("dvc") or "dvc"
-
-
-def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    # The stages must find the interpreter that runs the flow (the venv's python).
-    import sys
-
-    bindir = str(Path(sys.executable).parent)
-    if bindir not in env.get("PATH", "").split(os.pathsep):
-        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    if extra:
-        env.update(extra)
-    return env
 
 
 def _stage_order_key(name: str) -> tuple[int, str]:
@@ -141,23 +118,10 @@ def parse_dot(text: str, stage_names: set[str] | None = None) -> StageGraph:
     return StageGraph({n: ups & keep for n, ups in graph.upstream.items() if n in keep})
 
 
-def dvc_yaml_stage_names(root: Path) -> set[str]:
-    import yaml
-
-    path = root / "dvc.yaml"
-    if not path.exists():
-        return set()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML: {err}") from None
-    return set((data.get("stages") or {}).keys())
-
-
 def read_stage_graph(root: str | os.PathLike) -> StageGraph:
     """The stage graph of the DVC project at `root` (empty when there is no dvc.yaml)."""
     root = Path(root)
-    names = dvc_yaml_stage_names(root)
+    names = set(read_dvc_yaml(root))
     if not names:
         return StageGraph()
     proc = subprocess.run(

@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
-from pipeline.graph import dvc_bin, dvc_env
+from lmpipe.core.dvc_cli import run_dvc as _dvc
+from lmpipe.core.git import git
+from lmpipe.core.records import read_lock
 
 REMOTE_NAME = "lmpipe"
-
-
-def _dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([dvc_bin(), *args], cwd=root, env=dvc_env(), capture_output=True,
-                          text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
-    return proc
 
 
 def remote_url(params_remote: str | None = None) -> str | None:
@@ -76,14 +70,6 @@ def dvc_push(root: Path, params_remote: str | None = None) -> str:
     return f"dvc push to {remote}: {last}"
 
 
-def _git(root: Path, *args: str, env: dict | None = None, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout.strip()
-
-
 def commit_to_branch(root: Path, branch: str, paths: list[str], message: str) -> str:
     """Commit `paths` as they are on disk onto `branch`, without touching the checkout.
 
@@ -91,32 +77,34 @@ def commit_to_branch(root: Path, branch: str, paths: list[str], message: str) ->
     branch does not exist yet): the user's index, working tree and current branch stay as
     they are. When `branch` is the checked-out branch, it is an ordinary `git commit`.
     """
-    import tempfile
-
     root = Path(root)
-    if _git(root, "rev-parse", "--is-inside-work-tree", check=False) != "true":
+
+    def must(*args: str, env: dict[str, str] | None = None) -> str:
+        return git(root, *args, env=env, check=True)
+
+    if git(root, "rev-parse", "--is-inside-work-tree") != "true":
         return f"commit skipped: {root} is not a git checkout"
     paths = [p for p in paths if (root / p).exists()]
     if not paths:
         return "commit skipped: nothing to commit"
-    current = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+    current = git(root, "symbolic-ref", "--quiet", "--short", "HEAD")
     if current == branch:
-        _git(root, "add", "--", *paths)
-        if not _git(root, "diff", "--cached", "--name-only", "--", *paths):
+        must("add", "--", *paths)
+        if not must("diff", "--cached", "--name-only", "--", *paths):
             return f"commit skipped: {', '.join(paths)} unchanged on {branch}"
-        _git(root, "commit", "-q", "-m", message, "--", *paths)
-        return f"committed {', '.join(paths)} to {branch} ({_git(root, 'rev-parse', 'HEAD')[:12]})"
-    parent = _git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}", check=False) \
-        or _git(root, "rev-parse", "HEAD")
+        must("commit", "-q", "-m", message, "--", *paths)
+        return f"committed {', '.join(paths)} to {branch} ({must('rev-parse', 'HEAD')[:12]})"
+    parent = git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}") \
+        or must("rev-parse", "HEAD")
     with tempfile.TemporaryDirectory() as tmp:
         env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        _git(root, "read-tree", parent, env=env)
-        _git(root, "add", "-f", "--", *paths, env=env)
-        tree = _git(root, "write-tree", env=env)
-    if tree == _git(root, "rev-parse", f"{parent}^{{tree}}"):
+        must("read-tree", parent, env=env)
+        must("add", "-f", "--", *paths, env=env)
+        tree = must("write-tree", env=env)
+    if tree == must("rev-parse", f"{parent}^{{tree}}"):
         return f"commit skipped: {', '.join(paths)} unchanged on {branch}"
-    commit = _git(root, "commit-tree", tree, "-p", parent, "-m", message)
-    _git(root, "update-ref", f"refs/heads/{branch}", commit)
+    commit = must("commit-tree", tree, "-p", parent, "-m", message)
+    must("update-ref", f"refs/heads/{branch}", commit)
     return f"committed {', '.join(paths)} to branch {branch} ({commit[:12]})"
 
 
@@ -126,13 +114,8 @@ def git_tracked_outs(root: Path) -> list[str]:
     DVC writes a .gitignore entry for every cached out; what is not ignored belongs in the
     commit that records dvc.lock, or a checkout of that commit would not match it.
     """
-    import yaml
-
-    try:
-        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    outs = sorted({o["path"] for e in (lock.get("stages") or {}).values()
+    lock = read_lock(root, required=False)
+    outs = sorted({o["path"] for e in lock.values()
                    for o in e.get("outs") or [] if (root / o["path"]).exists()})
     if not outs:
         return ["dvc.lock"]

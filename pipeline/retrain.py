@@ -6,7 +6,7 @@
 2. Every stage in dvc.yaml (so `evaluate` too, when it exists) under one MLflow parent run.
 3. Promotion (`pipeline.promote`): the Transformer, SFT and LoRA models that exist are
    registered as MLflow model versions, and the alias `champion` moves to a version only when
-   its test bits per byte beat the champion's (lmpipe/registry.py); otherwise the version is
+   its test bits per byte beat the champion's (lmpipe/tracking/registry.py); otherwise the version is
    tagged `promotion=kept` with the reason.
 4. `dvc push` when a DVC remote is configured (`pipeline.push`, pipeline/remote.py).
 5. dvc.lock (and the uncached outs DVC leaves to git: metrics) committed to
@@ -20,35 +20,32 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from lmpipe.paths import project_root
-from pipeline.flow import _logger, _root_env, load_flow_params, pipeline_body, publish_markdown
+from lmpipe.core.git import git_state
+from lmpipe.core.paths import project_root
+from lmpipe.tracking.registry import promote_models
+from pipeline.flow import load_flow_params, pipeline_body, publish_markdown, root_env, run_logger
 from pipeline.graph import read_stage_graph
 from pipeline.lock import RunLock
+from pipeline.remote import commit_to_branch, dvc_push, git_tracked_outs
 
 
 @task(name="promote-models", cache_policy=NO_CACHE)
 def promote_task(root: str, run_id: str, prefix: str, alias: str, min_improvement: float,
                  extra_tags: dict[str, str]) -> list[dict]:
-    from lmpipe.registry import promote_models
-
     decisions = promote_models(Path(root), run_id, prefix=prefix, alias=alias,
                                min_improvement=min_improvement, extra_tags=extra_tags)
     for d in decisions:
-        _logger().info("%s: %s (%s)", d.registered_model, d.action, d.reason)
+        run_logger().info("%s: %s (%s)", d.registered_model, d.action, d.reason)
     return [d.as_dict() for d in decisions]
 
 
 @task(name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60])
 def push_task(root: str, params_remote: str | None) -> str:
-    from pipeline.remote import dvc_push
-
     return dvc_push(Path(root), params_remote)
 
 
 @task(name="commit-dvc-lock", cache_policy=NO_CACHE)
 def commit_task(root: str, branch: str, message: str) -> str:
-    from pipeline.remote import commit_to_branch, git_tracked_outs
-
     return commit_to_branch(Path(root), branch, git_tracked_outs(Path(root)), message)
 
 
@@ -66,7 +63,7 @@ def promotion_markdown(decisions: list[dict]) -> str:
 
 def retrain_body(stages=None, root=None, task_runner=None, lock_wait_s=None) -> dict:
     root_path = Path(root).resolve() if root else project_root()
-    with _root_env(root_path):
+    with root_env(root_path):
         params = load_flow_params(root_path)
         pp = params.pipeline
         wait = pp.lock_wait_s if lock_wait_s is None else lock_wait_s
@@ -79,8 +76,6 @@ def retrain_body(stages=None, root=None, task_runner=None, lock_wait_s=None) -> 
             summary = []
             run_id = pipe.get("parent_run_id")
             if pp.promote and run_id:
-                from lmpipe.tracking import git_state
-
                 extra = {"dvc_lock_md5": pipe.get("dvc_lock_md5", ""),
                          "git_commit": git_state(root_path)["git_commit"]}
                 report["promotion"] = promote_task(str(root_path), run_id, pp.registry_prefix,
@@ -112,11 +107,3 @@ def lmpipe_retrain(
 ) -> dict:
     """Nightly retraining: the pipeline with the source re-checked, then promote/push/commit."""
     return retrain_body(stages, root, task_runner, lock_wait_s)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    from lmpipe.cli import main
-
-    sys.exit(main(["run", "--retrain", *sys.argv[1:]]))

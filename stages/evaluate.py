@@ -6,54 +6,44 @@ Reads  data/models/{ngram,rnn,transformer,sft,lora}/, data/tokenizer/, data/toke
 Writes metrics/evaluate.json (nested, one entry per model: `dvc metrics show` lists
        `transformer.test_bpb` etc.), reports/report.md + reports/*.png; logs the metrics as
        `<model>.<metric>`, the report and the plots to MLflow.
-How each model is scored (windows, stride, the RNN's carried state): lmpipe/evaluation.py.
+How each model is scored (windows, stride, the RNN's carried state): lmpipe/evaluation/.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-from lmpipe import paths
-from lmpipe.config import EvaluateParams, Params
-from lmpipe.errors import InputError
-from lmpipe.evaluation import (
-    ids_and_bytes, is_ngram_dir, load_for_scoring, pick_device, resolve_model_dir, score_ids,
-)
-from lmpipe.metrics import write_metrics
-from lmpipe.report import STAGE_OF, ReportData, environment_info, read_loss_csv, write_report
-from lmpipe.stage import main_for
-from lmpipe.tracking import flatten, stage_logger
+from lmpipe.core.errors import InputError
+from lmpipe.core.metric_logger import flatten, stage_logger
+from lmpipe.core.names import CHAT_MODELS, LOSS_CSV, MODEL_CONFIG_FILE, MODEL_STAGE, SOURCE_FILE
+from lmpipe.core.params import EvaluateParams, Params
+from lmpipe.core.paths import corpus_dir, metrics_path, model_dir, plots_dir, reports_dir
+from lmpipe.core.records import read_json, read_loss_csv, read_stage_metrics, write_metrics
+from lmpipe.core.stage import main_for
+from lmpipe.data.tokens import tokens_meta
+from lmpipe.evaluation.report import ReportData, environment_info, write_report
+from lmpipe.evaluation.scoring import ids_and_bytes, load_for_scoring, pick_device, score_ids
+from lmpipe.models.sampling import generate, generate_text
+from lmpipe.models.store import load_model
+from lmpipe.ngram.sampling import generate_ids
+from lmpipe.ngram.store import is_ngram_folder, load_ngram
+from lmpipe.tokenizer.chat_template import encode_chat, stop_ids
+from lmpipe.tokenizer.model import Tokenizer
 
 NAME = "evaluate"
-SPLIT = "test"   # metrics keys test_ppl, test_bpb, ... (lmpipe/registry.py reads test_bpb)
+SPLIT = "test"   # metrics keys test_ppl, test_bpb, ... (lmpipe/tracking/registry.py reads test_bpb)
 # Metrics copied from the finetuning stages' own files (they own the instruction data).
 TUNED_KEYS = ("val_response_ppl", "base_val_response_ppl", "val_response_ppl_ratio",
               "val_response_loss", "base_val_response_loss", "trainable_params", "trainable_pct")
-
-
-def reports_dir() -> Path:
-    return paths.project_root() / "reports"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except ValueError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def model_folders(models: list[str]) -> dict[str, Path]:
     """Each model's folder; every missing one is named, with the stage that makes it."""
     folders, missing = {}, []
     for m in models:
-        folder = resolve_model_dir(paths.models_dir() / m)
-        if not ((folder / "config.json").exists() or is_ngram_dir(folder)):
-            missing.append(f"{m} ({paths.models_dir() / m}; run `dvc repro {STAGE_OF[m]}`)")
+        folder = model_dir(m)
+        if not ((folder / MODEL_CONFIG_FILE).exists() or is_ngram_folder(folder)):
+            missing.append(f"{m} ({folder}; run `dvc repro {MODEL_STAGE[m]}`)")
         folders[m] = folder
     if missing:
         raise InputError("trained model(s) not found: " + ", ".join(missing)
@@ -84,7 +74,7 @@ def generate_samples(p: EvaluateParams, folders: dict[str, Path], device: str, t
     if p.samples_per_model == 0:
         return out
     for m, folder in folders.items():
-        chat = m in ("sft", "lora")
+        chat = m in CHAT_MODELS
         prompts = p.instruct_prompts if chat else p.sample_prompts
         samples = []
         for i in range(p.samples_per_model):
@@ -97,8 +87,6 @@ def generate_samples(p: EvaluateParams, folders: dict[str, Path], device: str, t
                 elif chat:
                     text = _chat_sample(folder, prompt, tok, device, **kw)
                 else:
-                    from lmpipe.sampling import generate_text
-
                     text = generate_text(folder, prompt, device=device, **kw)
             except InputError as err:   # e.g. a prompt longer than a small model's context
                 text = f"[no sample: {err}]"
@@ -108,28 +96,20 @@ def generate_samples(p: EvaluateParams, folders: dict[str, Path], device: str, t
 
 
 def _ngram_sample(folder: Path, prompt: str, tok, **kw) -> str:
-    """Prompt + continuation, like lmpipe.ngram.generate_text but with the stage's tokenizer."""
-    from lmpipe.ngram import NgramModel, generate_ids
-
+    """Prompt + continuation, like lmpipe.ngram.sampling.generate_text with the stage's tokenizer."""
     prompt_ids = list(tok.encode(prompt))
-    new = generate_ids(NgramModel.load(folder), prompt_ids, kw["max_new_tokens"],
+    new = generate_ids(load_ngram(folder), prompt_ids, kw["max_new_tokens"],
                        kw["temperature"], kw["top_k"], kw["seed"])
     return tok.decode(prompt_ids + new)
 
 
 def _chat_sample(folder: Path, prompt: str, tok, device: str, **kw) -> str:
-    from lmpipe.chat_template import encode_chat, stop_ids
-    from lmpipe.models import load_model
-    from lmpipe.sampling import generate
-
     model, _ = load_model(folder, device=device)
     new = generate(model, encode_chat(tok, prompt).ids, stop_ids=stop_ids(tok), device=device, **kw)
     return tok.decode(new)
 
 
 def run(params: Params) -> None:
-    from lmpipe.tokenizer import Tokenizer, tokens_meta
-
     p = params.evaluate
     folders = model_folders(list(dict.fromkeys(p.models)))
     tok = Tokenizer.load()
@@ -137,8 +117,8 @@ def run(params: Params) -> None:
     with stage_logger(NAME, params.tracking.experiment) as log:
         log.log_params({NAME: p.model_dump(mode="json"), "device": device})
         results = score_models(p, folders, device, tok)
-        stage_metrics = {m: read_json(paths.metrics_path(STAGE_OF[m])) for m in folders}
-        for m in ("sft", "lora"):
+        stage_metrics = {m: read_stage_metrics(MODEL_STAGE[m]) for m in folders}
+        for m in CHAT_MODELS:
             if m in results:
                 results[m].update({k: stage_metrics[m][k] for k in TUNED_KEYS
                                    if isinstance(stage_metrics[m].get(k), (int, float))})
@@ -147,7 +127,7 @@ def run(params: Params) -> None:
 
         curves = {}
         for m in folders:
-            csv_path = paths.plots_dir(STAGE_OF[m]) / "loss.csv"
+            csv_path = plots_dir(MODEL_STAGE[m]) / LOSS_CSV
             if m != "ngram" and csv_path.exists():
                 curves[m] = read_loss_csv(csv_path)
         scoring = ("Neural models: non-overlapping windows of the model's context length"
@@ -163,8 +143,8 @@ def run(params: Params) -> None:
             loss_curves=curves,
             samples=generate_samples(p, folders, device, tok, params.seed),
             environment=environment_info(device),
-            source=read_json(paths.corpus_dir() / "source.json"),
-            download_metrics=read_json(paths.metrics_path("download")),
+            source=read_json(corpus_dir() / SOURCE_FILE),
+            download_metrics=read_stage_metrics("download"),
             tokens_meta=tokens_meta(),
             split=SPLIT,
             scoring=scoring,
@@ -172,8 +152,8 @@ def run(params: Params) -> None:
         files = write_report(reports_dir(), data)
         for f in files.values():
             log.log_artifact(f, "report")
-        log.log_artifact(paths.metrics_path(NAME), "metrics")
-    print(f"evaluate: wrote {paths.metrics_path(NAME)} and {files['report']}")
+        log.log_artifact(metrics_path(NAME), "metrics")
+    print(f"evaluate: wrote {metrics_path(NAME)} and {files['report']}")
 
 
 if __name__ == "__main__":

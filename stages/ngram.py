@@ -14,14 +14,18 @@ from __future__ import annotations
 import resource
 import time
 
-from lmpipe import paths
-from lmpipe.config import Params
-from lmpipe.errors import InputError
-from lmpipe.io import atomic_dir
-from lmpipe.metrics import bits_per_byte, perplexity, write_metrics
-from lmpipe.ngram import ARPA_FILE, MODEL_FILE, estimate, generate_text, write_arpa
-from lmpipe.stage import main_for
-from lmpipe.tracking import stage_logger
+from lmpipe.core.errors import InputError
+from lmpipe.core.metric_logger import stage_logger
+from lmpipe.core.names import ARPA_FILE, NGRAM_FILE, TOKENIZER_FILE
+from lmpipe.core.params import Params
+from lmpipe.core.paths import model_dir, tokenizer_dir
+from lmpipe.core.records import write_metrics
+from lmpipe.core.stage import main_for
+from lmpipe.data.tokens import load_tokens, tokens_meta
+from lmpipe.evaluation.metrics import bits_per_byte, perplexity
+from lmpipe.ngram.estimate import estimate
+from lmpipe.ngram.sampling import generate_text
+from lmpipe.ngram.store import save_ngram
 
 NAME = "ngram"
 
@@ -31,15 +35,13 @@ def _peak_rss_mb() -> float:
 
 
 def run(params: Params) -> None:
-    from lmpipe.tokenizer import load_tokens, tokens_meta
-
     p = params.ngram
     meta = tokens_meta()
     for split in ("train", "val", "test"):
         if split not in meta.get("splits", {}):
             raise InputError(f"data/tokens/meta.json: no {split!r} split; rerun `dvc repro tokenizer`")
     vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
-    out_dir = paths.models_dir() / NAME
+    out_dir = model_dir(NAME)
 
     with stage_logger(NAME, params.tracking.experiment) as log:
         log.log_params({NAME: p.model_dump(mode="json"), "seed": params.seed})
@@ -53,13 +55,7 @@ def run(params: Params) -> None:
         )
         train_seconds = time.perf_counter() - t0
 
-        arpa_seconds = 0.0
-        with atomic_dir(out_dir) as tmp:
-            model.save(tmp)
-            if p.arpa and model.backoff:
-                t0 = time.perf_counter()
-                write_arpa(model, tmp / ARPA_FILE)
-                arpa_seconds = time.perf_counter() - t0
+        arpa_seconds = save_ngram(model, out_dir, arpa=p.arpa)
 
         metrics: dict[str, float | int] = {}
         score_seconds, score_tokens = 0.0, 0
@@ -82,7 +78,7 @@ def run(params: Params) -> None:
                 "tokens_per_second": n_train / train_seconds if train_seconds > 0 else 0.0,
                 "score_tokens_per_second": score_tokens / score_seconds if score_seconds > 0 else 0.0,
                 "arpa_seconds": arpa_seconds,
-                "model_bytes": (out_dir / MODEL_FILE).stat().st_size,
+                "model_bytes": (out_dir / NGRAM_FILE).stat().st_size,
                 "peak_rss_mb": _peak_rss_mb(),
             }
         )
@@ -93,11 +89,11 @@ def run(params: Params) -> None:
         metrics = write_metrics(NAME, metrics)
         log.log_metrics(metrics)
         log.set_tags({"ngram.discount_fallback": str(model.meta.get("discount_fallback", []))})
-        for name in (MODEL_FILE, ARPA_FILE):
+        for name in (NGRAM_FILE, ARPA_FILE):
             if (out_dir / name).exists():
                 log.log_artifact(out_dir / name, "model")
         sample = ""
-        if p.sample_tokens and (paths.tokenizer_dir() / "tokenizer.model").exists():
+        if p.sample_tokens and (tokenizer_dir() / TOKENIZER_FILE).exists():
             sample = generate_text(
                 out_dir, "", p.sample_tokens, temperature=p.temperature, top_k=p.top_k, seed=params.seed
             )

@@ -1,13 +1,14 @@
 """Stage `pretrain`: a decoder-only Transformer language model on the train tokens.
 
-Reads  data/tokens/{train,val}.bin + meta.json and params `pretrain` (model + train).
+    python -m stages.pretrain     (dvc repro pretrain; several processes: train.nproc_per_node)
+
+Reads  data/tokens/{train,val}.bin + meta.json and params `pretrain` (model + train), `seed`.
 Writes data/models/transformer/ (model.safetensors + config.json), resumable checkpoints in
        data/checkpoints/pretrain/ (persisted by DVC), plots/pretrain/loss.{csv,png} and
        metrics/pretrain.json; logs params, per-step metrics and the plots to MLflow.
 
-Run it with `dvc repro pretrain`, `python -m stages.pretrain`, or on several processes with
-`torchrun --nproc_per_node=N -m stages.pretrain` (DistributedDataParallel). Re-running after
-a kill resumes from the newest checkpoint of the same params.
+The model is lmpipe/models/transformer.py; the loop, its budget and checkpoints are
+lmpipe/train/. Re-running after a kill resumes from the newest checkpoint of the same run.
 """
 
 from __future__ import annotations
@@ -19,26 +20,35 @@ import os
 # with the default policy); in no measurement here was PASSIVE slower. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lmpipe.config import Params
-from lmpipe.stage import main_for
-from lmpipe.trainer import train_language_model
+from lmpipe.core.metric_logger import stage_logger  # noqa: E402
+from lmpipe.core.params import Params  # noqa: E402
+from lmpipe.core.paths import model_dir  # noqa: E402
+from lmpipe.core.stage import main_for  # noqa: E402
+from lmpipe.models.transformer import Transformer  # noqa: E402
+from lmpipe.train.language_model import (  # noqa: E402
+    TokenData,
+    fit_language_model,
+    publish_language_model,
+)
+from lmpipe.train.runtime import seed_everything, training_runtime  # noqa: E402
 
 NAME = "pretrain"
 
 
 def run(params: Params) -> dict:
+    """The stage's work; returns its metrics (rank 0; {} on the other ranks)."""
     p = params.pretrain
-    return train_language_model(
-        NAME,
-        model_type="transformer",
-        model_params=p.model.model_dump(mode="json"),
-        context_length=p.model.context_length,
-        train_cfg=p.train,
-        seed=params.seed,
-        experiment=params.tracking.experiment,
-        out_name="transformer",
-        params_for_log={NAME: p.model_dump(mode="json"), "seed": params.seed},
-    )
+    with training_runtime(p.train) as rt, stage_logger(NAME, params.tracking.experiment) as log:
+        log.log_params({NAME: p.model_dump(mode="json"), "seed": params.seed})
+        data = TokenData.load()
+        seed_everything(params.seed)
+        model = Transformer(p.model.with_vocab(data.vocab_size, f"{NAME}.model"))
+        context = p.model.context_length
+        result = fit_language_model(NAME, model, p.train, data, context_length=context,
+                                    seed=params.seed, rt=rt, logger=log)
+        return publish_language_model(NAME, model, result, data, context_length=context,
+                               out_dir=model_dir("transformer"), rt=rt, logger=log,
+                               batch_size=p.train.batch_size)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from lmpipe.config import deep_merge, dump_params, profile_dict
+from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -196,7 +196,7 @@ def _config_edit(change: Callable[[dict], None]) -> Callable[[Path], None]:
 
 def _other_vocab_model(root: Path) -> None:
     """A complete, loadable model folder whose vocabulary is not the tokenizer's."""
-    from lmpipe.models import build_model, save_model
+    from lmpipe.models.store import build_model, save_model
 
     info = json.loads((root / MODEL / "config.json").read_text())
     cfg = {**info["config"], "vocab_size": info["config"]["vocab_size"] + 16}

@@ -7,11 +7,11 @@ import io
 import pytest
 import torch
 
-from lmpipe.chat_template import encode_chat, generate_reply, stop_ids
-from lmpipe.cli import main
-from lmpipe.models import build_model, save_model
-from lmpipe.sampling import generate
-from sft_helpers import make_tokenizer
+from lmpipe.cli.main import main
+from lmpipe.models.sampling import generate, generate_reply
+from lmpipe.models.store import build_model, save_model
+from lmpipe.tokenizer.chat_template import encode_chat, stop_ids
+from tests.helpers.sft import make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def root(tok_dir, monkeypatch):
 
 
 def _tok(root):
-    from lmpipe.tokenizer import Tokenizer
+    from lmpipe.tokenizer.model import Tokenizer
 
     return Tokenizer.load(root / "data" / "tokenizer" / "tokenizer.model")
 
@@ -76,7 +76,7 @@ def test_one_shot_answer_is_the_templated_kv_cached_sample(root, capsys):
 
 
 def test_system_line_follows_the_model_unless_given(root, capsys):
-    from lmpipe.chat_template import DEFAULT_SYSTEM
+    from lmpipe.core.names import DEFAULT_SYSTEM_PROMPT
 
     tok = _tok(root)
     torch.manual_seed(2)
@@ -101,7 +101,7 @@ def test_system_line_follows_the_model_unless_given(root, capsys):
     save_model(model, folder, "transformer", model.config)      # nothing recorded: the default
     assert main(["chat", "--model", "sft", "--prompt", "Shout: apple", "--temperature", "0",
                  "--max-new-tokens", "6"]) == 0
-    new = generate(model, encode_chat(tok, "Shout: apple", system=DEFAULT_SYSTEM).ids, 6,
+    new = generate(model, encode_chat(tok, "Shout: apple", system=DEFAULT_SYSTEM_PROMPT).ids, 6,
                    temperature=0.0, stop_ids=stop_ids(tok))
     assert capsys.readouterr().out == tok.decode(new) + "\n"
 

@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import checkpoint as ckpt
-from lmpipe.batches import TokenBatches, eval_batches
-from lmpipe.models import build_model
-from lmpipe.trainer import Runtime, Trainer
-from trainer_helpers import PY, make_project, markov_tokens, safetensors_parts, stage_env, tiny_train
+from lmpipe.data.batches import TokenBatches, eval_batches
+from lmpipe.models.store import build_model
+from lmpipe.train import checkpoint as ckpt
+from lmpipe.train.runtime import Runtime
+from lmpipe.train.trainer import Trainer
+from tests.helpers.trainer import (
+    PY,
+    make_project,
+    markov_tokens,
+    safetensors_parts,
+    stage_env,
+    tiny_train,
+)
 
 CPU = Runtime(device=torch.device("cpu"), dtype=None, threads=1)
 

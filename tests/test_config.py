@@ -8,16 +8,14 @@ import sys
 import pytest
 import yaml
 
-from lmpipe.config import (
-    Params,
+from lmpipe.core.errors import InputError
+from lmpipe.core.params import Params, load_params, validate_params
+from lmpipe.core.profiles import (
     available_profiles,
     default_params_dict,
     dump_params,
-    load_params,
     profile_dict,
-    validate_params,
 )
-from lmpipe.errors import InputError
 from tests.conftest import REPO
 
 
@@ -132,7 +130,7 @@ def test_stage_exits_2_before_any_work_on_bad_params(tmp_path):
         yaml.safe_dump(_with("tokenizer.vocab_size", 12))
     )
     code = (
-        "from lmpipe.stage import run_stage\n"
+        "from lmpipe.core.stage import run_stage\n"
         "import sys\n"
         "def work(p):\n"
         "    open('touched', 'w').write('x')\n"

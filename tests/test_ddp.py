@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_helpers import PY, make_project, stage_env
+from tests.helpers.trainer import PY, make_project, stage_env
 
 
 def _overlay(batch_size, optimizer):

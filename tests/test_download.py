@@ -26,25 +26,38 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmpipe import download
-from lmpipe.config import (
-    SELF_INSTRUCT,
-    Params,
-    RemoteFile,
-    deep_merge,
-    default_params_dict,
-    profile_dict,
-    validate_params,
+import stages.download as stage
+from lmpipe.core.errors import InputError
+from lmpipe.core.files import md5_file
+from lmpipe.core.params import SELF_INSTRUCT, Params, RemoteFile, validate_params
+from lmpipe.core.profiles import deep_merge, default_params_dict, profile_dict
+from lmpipe.core.records import read_stage_metrics
+from lmpipe.data import sources
+from lmpipe.data.archive import extract
+from lmpipe.data.fetch import DownloadError, cache_dir, fetch, mirror_dir
+from lmpipe.data.instruct import read_records, split_records
+from lmpipe.data.text import (
+    decode,
+    split_documents,
+    split_stats,
+    strip_gutenberg,
+    truncate_documents,
 )
-from lmpipe.download_archive import extract
-from lmpipe.download_fetch import DownloadError, cache_dir, fetch, mirror_dir
-from lmpipe.download_instruct import read_records, split_records
-from lmpipe.download_text import decode, split_documents, split_stats, strip_gutenberg, truncate_documents
-from lmpipe.errors import InputError
-from lmpipe.io import md5_file
 
 REPO = Path(__file__).resolve().parent.parent
 TS_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def run_download(p) -> dict:
+    """The download stage's work in this process; its metrics/download.json."""
+    stage.run(p)
+    return read_stage_metrics("download")
+
+
+def load_corpus(dl, mirror, work) -> tuple:
+    """(documents, inputs, info, origins) of the corpus source."""
+    got = sources.load_corpus(dl, mirror, work)
+    return got.items, got.inputs, got.info, got.origins
 
 
 def sha256(data: bytes) -> str:
@@ -188,7 +201,7 @@ def test_wrong_checksum_is_clear_and_publishes_nothing(online, srv):
         "instruct": {"files": served_instruct(srv)},
     }})
     with pytest.raises(InputError) as err:
-        download.run(p)
+        run_download(p)
     msg = str(err.value)
     assert "sha256 mismatch" in msg and srv.url("tinyshakespeare.txt") in msg
     assert bad in msg and TS_SHA in msg
@@ -198,7 +211,7 @@ def test_wrong_checksum_is_clear_and_publishes_nothing(online, srv):
 
 def test_dropped_connection_is_retried_and_resumed_with_range(online, srv, mirror, monkeypatch):
     delays = []
-    monkeypatch.setattr("lmpipe.download_fetch._sleep", delays.append)
+    monkeypatch.setattr("lmpipe.data.fetch._sleep", delays.append)
     srv.state.faults["/tinyshakespeare.txt"] = ["drop:300000"]
     f = fetch(remote(srv, "tinyshakespeare.txt", TS_SHA), mirror=None, backoff_s=0.25)
     assert f.sha256 == TS_SHA and f.bytes == (mirror / "tinyshakespeare.txt").stat().st_size
@@ -241,7 +254,7 @@ def test_corrupt_partial_file_is_discarded_and_fetched_again(online, srv, mirror
 
 def test_transient_errors_back_off_exponentially_then_succeed(online, srv, monkeypatch):
     delays = []
-    monkeypatch.setattr("lmpipe.download_fetch._sleep", delays.append)
+    monkeypatch.setattr("lmpipe.data.fetch._sleep", delays.append)
     srv.state.faults["/self_instruct_seed_tasks.jsonl"] = ["503", "503", "503"]
     f = fetch(remote(srv, "self_instruct_seed_tasks.jsonl", SELF_INSTRUCT[0].sha256),
               mirror=None, retries=3, backoff_s=0.5)
@@ -251,7 +264,7 @@ def test_transient_errors_back_off_exponentially_then_succeed(online, srv, monke
 
 
 def test_retries_exhausted_is_a_download_error(online, srv, monkeypatch):
-    monkeypatch.setattr("lmpipe.download_fetch._sleep", lambda s: None)
+    monkeypatch.setattr("lmpipe.data.fetch._sleep", lambda s: None)
     srv.state.faults["/tinyshakespeare.txt"] = ["503"] * 5
     with pytest.raises(DownloadError, match="giving up after 3 attempt.*set LMPIPE_MIRROR"):
         fetch(remote(srv, "tinyshakespeare.txt", TS_SHA), mirror=None, retries=2)
@@ -343,7 +356,7 @@ def test_zip_traversal_refused_and_good_archives_read(project, tmp_path):
     _tar(src / "b.tar.gz", [("three.txt", b"third document\n", None)])
     (src / "c.txt.gz").write_bytes(gzip.compress(b"fourth document\n"))
     p = params_with({"download": {"source": "local", "local": "src/*"}})
-    docs, inputs, _, _ = download.load_corpus(p.download, None, tmp_path / "work")
+    docs, inputs, _, _ = load_corpus(p.download, None, tmp_path / "work")
     assert docs == ["first document\n", "second", "third document\n", "fourth document\n"]
     assert [i["name"] for i in inputs] == ["src/a.zip", "src/b.tar.gz", "src/c.txt.gz"]
 
@@ -355,7 +368,7 @@ def test_url_archive_with_member_glob(online, srv, tmp_path):
     srv.state.files["/corpus.tar.gz"] = data
     p = params_with({"download": {"files": [{"url": srv.url("corpus.tar.gz"), "sha256": sha256(data),
                                              "filename": "corpus.tar.gz", "members": "*/train.txt"}]}})
-    docs, inputs, info, origins = download.load_corpus(p.download, None, tmp_path / "work")
+    docs, inputs, info, origins = load_corpus(p.download, None, tmp_path / "work")
     assert docs == ["a line\n" * 50]
     assert inputs[0]["sha256"] == sha256(data) and origins == {"corpus.tar.gz": "network"}
 
@@ -367,13 +380,13 @@ def test_latin1_without_encoding_names_file_and_offset(project, mirror, tmp_path
         raw.decode("utf-8")
     p = params_with({"download": {"source": "local", "local": str(mirror / "gutenberg" / "shakespeare-caesar.txt")}})
     with pytest.raises(InputError) as err:
-        download.load_corpus(p.download, None, tmp_path)
+        load_corpus(p.download, None, tmp_path)
     msg = str(err.value)
     assert "shakespeare-caesar.txt" in msg and f"byte offset {ref.value.start}" in msg
     assert "download.encoding" in msg
     p = params_with({"download": {"source": "local", "encoding": "latin-1",
                                   "local": str(mirror / "gutenberg" / "shakespeare-caesar.txt")}})
-    docs, *_ = download.load_corpus(p.download, None, tmp_path)
+    docs, *_ = load_corpus(p.download, None, tmp_path)
     assert docs == [raw.decode("latin-1").replace("\r\n", "\n")]
 
 
@@ -381,7 +394,7 @@ def test_crlf_becomes_lf(project, mirror, tmp_path):
     raw = (mirror / "gutenberg" / "melville-moby_dick.txt").read_bytes()
     assert b"\r\n" in raw
     p = params_with({"download": {"source": "local", "local": str(mirror / "gutenberg" / "melville-moby_dick.txt")}})
-    (doc,), *_ = download.load_corpus(p.download, None, tmp_path)
+    (doc,), *_ = load_corpus(p.download, None, tmp_path)
     assert "\r" not in doc
     assert doc.encode("utf-8") == raw.replace(b"\r\n", b"\n")
     assert decode(b"a\r\nb\rc\n", "utf-8", "x") == "a\nb\nc\n"
@@ -396,7 +409,7 @@ def test_binary_empty_and_missing_inputs_are_input_errors(project, tmp_path):
     for local, needle in cases.items():
         p = params_with({"download": {"source": "local", "local": local}})
         with pytest.raises(InputError, match=re.escape(needle)):
-            download.run(p)
+            run_download(p)
     assert not (project / "data" / "corpus").exists()
 
 
@@ -407,10 +420,10 @@ def test_strip_gutenberg_and_document_separator(project, tmp_path):
     (project / "g.txt").write_text(text)
     (project / "stories.txt").write_text("one story\n\nwith two paragraphs\n<|endoftext|>\nsecond story\n<|endoftext|>\n")
     p = params_with({"download": {"source": "local", "local": "g.txt", "strip_gutenberg": True}})
-    assert download.load_corpus(p.download, None, tmp_path)[0] == ["Body line\nmore\n"]
+    assert load_corpus(p.download, None, tmp_path)[0] == ["Body line\nmore\n"]
     p = params_with({"download": {"source": "local", "local": "stories.txt",
                                   "document_separator": "<|endoftext|>"}})
-    docs = download.load_corpus(p.download, None, tmp_path)[0]
+    docs = load_corpus(p.download, None, tmp_path)[0]
     assert docs == ["one story\n\nwith two paragraphs", "second story"]
 
 
@@ -536,7 +549,7 @@ def test_gsm8k_selected_by_format_end_to_end(project, mirror, monkeypatch):
     monkeypatch.setenv("LMPIPE_TRACKING", "off")
     p = params_with({"download": {"max_bytes": 5_000,
                                   "instruct": {"format": "gsm8k", "max_rows": 50, "val_fraction": 0.2}}})
-    m = download.run(p).metrics
+    m = run_download(p)
     assert (m["instruct_train_rows"], m["instruct_val_rows"]) == (40, 10)
     raw = [json.loads(line) for line in (mirror / "gsm8k_train.jsonl").read_text().splitlines()[:50]]
     rows = []
@@ -560,7 +573,7 @@ def test_hf_source_loads_offline_with_a_builder(project, tmp_path, builder):
         (project / shard).write_text("".join(json.dumps({"text": t, "n": n}) + "\n"
                                              for t, n in zip(rows["text"], rows["n"])))
     p = params_with({"download": {"source": "hf", "hf": {"path": builder, "data_files": [shard]}}})
-    docs, inputs, info, _ = download.load_corpus(p.download, None, tmp_path)
+    docs, inputs, info, _ = load_corpus(p.download, None, tmp_path)
     assert docs == ["first doc\nline two\n", "second doc\n"]
     assert inputs == [{"name": shard, "sha256": sha256((project / shard).read_bytes()),
                        "bytes": (project / shard).stat().st_size}]
@@ -568,7 +581,7 @@ def test_hf_source_loads_offline_with_a_builder(project, tmp_path, builder):
     p = params_with({"download": {"source": "hf", "hf": {"path": builder, "data_files": [shard],
                                                           "text_field": "body"}}})
     with pytest.raises(InputError, match=r"download.hf.text_field: .* no column 'body' \(columns: text, n\)"):
-        download.load_corpus(p.download, None, tmp_path)
+        load_corpus(p.download, None, tmp_path)
 
 
 # ----------------------------------------------------------------------------- publication
@@ -579,13 +592,12 @@ def _snapshot(root: Path) -> dict[str, str]:
 def test_full_run_outputs_and_a_failed_run_keeps_them(project, mirror, monkeypatch):
     monkeypatch.setenv("LMPIPE_TRACKING", "off")
     p = params_with({"download": {"max_bytes": 50_000, "instruct": {"max_rows": 100}}})
-    result = download.run(p)
+    m = run_download(p)
     corpus = project / "data" / "corpus"
     texts = {s: pq.read_table(corpus / f"{s}.parquet").column("text").to_pylist() for s in ("train", "val", "test")}
     original = (mirror / "tinyshakespeare.txt").read_text()
     joined = "".join(texts["train"] + texts["val"] + texts["test"])
     assert original.startswith(joined) and 49_900 < len(joined.encode()) <= 50_000
-    m = result.metrics
     assert m["train_bytes"] + m["val_bytes"] + m["test_bytes"] == len(joined.encode())
     assert m["train_lines"] + m["val_lines"] + m["test_lines"] == joined.count("\n")
     assert m["sha256"] == TS_SHA and m["source"] == "url"
@@ -598,13 +610,13 @@ def test_full_run_outputs_and_a_failed_run_keeps_them(project, mirror, monkeypat
     assert source["urls"] == [p.download.files[0].url] and source["bytes"] == 1115394
     before = _snapshot(project)
     # same params -> byte-identical outputs
-    download.run(p)
+    run_download(p)
     assert _snapshot(project) == before
     # a failing run (wrong pinned checksum) leaves every previous output untouched
     bad = params_with({"download": {"max_bytes": 50_000, "files": [
         {**p.download.files[0].model_dump(), "sha256": "f" * 64}]}})
     with pytest.raises(InputError, match="sha256 mismatch"):
-        download.run(bad)
+        run_download(bad)
     assert _snapshot(project) == before
     assert sorted(x.name for x in (project / "data").iterdir()) == ["corpus", "instruct"]  # no temp left
 
@@ -612,7 +624,7 @@ def test_full_run_outputs_and_a_failed_run_keeps_them(project, mirror, monkeypat
 def test_crash_while_writing_outputs_keeps_the_previous_ones(project, monkeypatch):
     monkeypatch.setenv("LMPIPE_TRACKING", "off")
     p = params_with({"download": {"max_bytes": 5_000, "instruct": {"max_rows": 20}}})
-    download.run(p)
+    run_download(p)
     before = _snapshot(project)
     calls = []
 
@@ -622,10 +634,10 @@ def test_crash_while_writing_outputs_keeps_the_previous_ones(project, monkeypatc
             raise OSError(28, "No space left on device")
         real_write(path, columns)
 
-    real_write = download._write_parquet
-    monkeypatch.setattr(download, "_write_parquet", failing_write)
+    real_write = stage.write_columns
+    monkeypatch.setattr(stage, "write_columns", failing_write)
     with pytest.raises(OSError, match="No space left"):
-        download.run(params_with({"download": {"max_bytes": 9_000, "instruct": {"max_rows": 20}}}))
+        run_download(params_with({"download": {"max_bytes": 9_000, "instruct": {"max_rows": 20}}}))
     assert calls[:4] == ["train.parquet", "val.parquet", "test.parquet", "train.parquet"]
     assert _snapshot(project) == before
     assert sorted(x.name for x in (project / "data").iterdir()) == ["corpus", "instruct"]

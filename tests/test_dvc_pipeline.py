@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tests.pipeline_repo import make_repo, ran_stages, run
+from tests.helpers.repo import make_repo, ran_stages, run
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,29 @@ def test_repro_runs_caches_and_reruns_only_what_changed(repo):
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     corpus_dep = next(d for d in lock["stages"]["tokenizer"]["deps"] if d["path"].startswith("data/corpus"))
     assert newest.data.tags[f"dvc_dep.{corpus_dep['path']}"] == corpus_dep["md5"]
+
+
+def test_editing_a_file_a_stage_imports_makes_it_stale(repo):
+    """dvc.yaml's deps cover each stage's import closure (tests/test_architecture.py), so an
+    edit anywhere in it is seen: here a module the old, hand-picked deps did not list."""
+    root, env = repo
+    run(["dvc", "repro", "tokenizer"], root, env)
+
+    def stale() -> dict:
+        return json.loads(run(["dvc", "status", "--json", "download", "tokenizer"], root,
+                              env).stdout)
+
+    assert stale() == {}
+    edited = root / "lmpipe" / "data" / "corpus.py"     # imported by download and tokenizer
+    original = edited.read_text()
+    edited.write_text(original + "\n# an edit\n")
+    try:
+        after_edit = stale()
+    finally:
+        edited.write_text(original)
+    assert set(after_edit) == {"download", "tokenizer"}, after_edit
+    assert "lmpipe/data/corpus.py" in json.dumps(after_edit["download"])
+    assert stale() == {}
 
 
 def test_bad_params_stop_the_stage_with_exit_2(repo):

@@ -8,11 +8,15 @@ import shutil
 
 import pytest
 import torch
+from test_evaluate import (  # noqa: F401  (session fixtures)
+    CTX,  # noqa: F401  (shared assets: tests/test_evaluate.py)
+    assets,
+    tok,
+)
 
-from lmpipe.cli import main
-from lmpipe.evaluation import score_text
-from test_evaluate import CTX  # noqa: F401  (shared assets: tests/test_evaluate.py)
-from test_evaluate import assets, tok  # noqa: F401  (session fixtures)
+from lmpipe.cli.main import main
+from lmpipe.core.paths import model_dir
+from lmpipe.evaluation.scoring import score_text
 
 TEXT = "KING HENRY:\nOnce more unto the breach, dear friends, once more;\nÉté — naïve café.\n"
 
@@ -27,7 +31,7 @@ def cli_project(project, assets):  # noqa: F811
 def test_eval_prints_the_library_figures(cli_project, tok, capsys, model):  # noqa: F811
     path = cli_project / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
-    expected = score_text(cli_project / "data" / "models" / model, TEXT, tokenizer=tok)
+    expected = score_text(model_dir(model), TEXT, tokenizer=tok)
 
     assert main(["eval", "--model", model, "--text", str(path)]) == 0
     out = capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 from pathlib import Path
@@ -15,14 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpipe.config import Params
-from lmpipe.errors import InputError
-from lmpipe.evaluation import (
-    Score, ids_and_bytes, load_for_scoring, score_ids, score_recurrent, score_text,
-    score_windows, token_byte_lengths, windows,
+from lmpipe.core.errors import InputError
+from lmpipe.core.params import Params
+from lmpipe.data.tokens import tokens_meta
+from lmpipe.evaluation.metrics import bits_per_byte, perplexity
+from lmpipe.evaluation.neural import score_recurrent, score_windows, windows
+from lmpipe.evaluation.scoring import (
+    Score,
+    ids_and_bytes,
+    load_for_scoring,
+    score_ids,
+    score_text,
+    token_byte_lengths,
 )
-from lmpipe.metrics import bits_per_byte, perplexity
-from lmpipe.models import build_model, save_model
+from lmpipe.models.store import build_model, save_model
 
 CTX = 64
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +45,7 @@ def _tiny_transformer(vocab: int, seed: int) -> nn.Module:
 def build_assets(root: Path, mirror: Path) -> Path:
     """A scratch project: corpus, tokenizer + tokens, four tiny random neural models, the
     training stages' metrics and loss curves (and the n-gram when lmpipe.ngram exists)."""
-    from lmpipe.tokenizer import build
+    from stages.tokenizer import run as tokenizer_stage
 
     text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:24_000]
     docs = text.split("\n\n")
@@ -55,9 +62,14 @@ def build_assets(root: Path, mirror: Path) -> Path:
          "sha256": "cd" * 32, "encoding": "utf-8", "documents": len(docs),
          "splits": {s: {"lines": 7 + i, "bytes": 1, "documents": 1}
                     for i, s in enumerate(("train", "val", "test"))}}))
-    result = build(corpus, root / "data" / "tokenizer", root / "data" / "tokens",
-                   vocab_size=400, num_threads=1)
-    vocab = result["meta"]["vocab_size"]
+    saved = os.environ.get("LMPIPE_ROOT")
+    os.environ["LMPIPE_ROOT"] = str(root)   # the stage writes under the project root
+    try:
+        tokenizer_stage(Params.model_validate({"tokenizer": {"vocab_size": 400,
+                                                             "num_threads": 1}}))
+    finally:
+        os.environ.pop("LMPIPE_ROOT") if saved is None else os.environ.update(LMPIPE_ROOT=saved)
+    vocab = tokens_meta(root)["vocab_size"]
     models = root / "data" / "models"
     for name, seed in (("transformer", 1), ("sft", 2)):
         model, cfg = _tiny_transformer(vocab, seed)
@@ -69,7 +81,7 @@ def build_assets(root: Path, mirror: Path) -> Path:
     save_model(build_model("rnn", rcfg), models / "rnn", "rnn", rcfg)
 
     metrics = root / "metrics"
-    metrics.mkdir()
+    metrics.mkdir(exist_ok=True)
     for stage, extra in (("rnn", {}), ("pretrain", {}),
                          ("sft", {"val_response_ppl": 11.5, "base_val_response_ppl": 30.25,
                                   "trainable_params": 9000}),
@@ -91,10 +103,10 @@ def build_assets(root: Path, mirror: Path) -> Path:
 def _maybe_ngram(root: Path) -> None:
     """Train a small n-gram through lmpipe.ngram when that module is there."""
     try:
-        from lmpipe.ngram import estimate
+        from lmpipe.ngram.estimate import estimate
     except ModuleNotFoundError:
         return
-    from lmpipe.tokenizer import load_tokens, tokens_meta
+    from lmpipe.data.tokens import load_tokens, tokens_meta
 
     ids = np.asarray(load_tokens("train", root / "data" / "tokens"))
     meta = tokens_meta(root / "data" / "tokens")
@@ -117,20 +129,20 @@ def eval_project(project, assets, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tok(assets):
-    from lmpipe.tokenizer import Tokenizer
+    from lmpipe.tokenizer.model import Tokenizer
 
     return Tokenizer.load(assets / "data" / "tokenizer" / "tokenizer.model")
 
 
 @pytest.fixture(scope="session")
 def test_ids(assets):
-    from lmpipe.tokenizer import load_tokens
+    from lmpipe.data.tokens import load_tokens
 
     return np.asarray(load_tokens("test", assets / "data" / "tokens")).astype(np.int64)
 
 
 def _load(assets, name):
-    from lmpipe.models import load_model
+    from lmpipe.models.store import load_model
 
     folder = assets / "data" / "models" / name
     return load_model(folder / "merged" if (folder / "merged").exists() else folder)[0]
@@ -247,7 +259,7 @@ def test_bits_per_byte_on_a_hand_computed_example():
     m = score.metrics("test")
     assert m["test_bpb"] == 1.5 and m["test_ppl"] == 4.0 and m["test_tokens"] == 3
     # the same through the scoring code: a uniform model over 4 tokens, 10 ids covering 5 bytes
-    from lmpipe.evaluation import LoadedModel
+    from lmpipe.evaluation.scoring import LoadedModel
 
     loaded = LoadedModel("transformer", Uniform(4), 1, 8, Path("."))
     score = score_ids(loaded, np.arange(10) % 4, 5, eos_id=0, stride=3)
@@ -258,7 +270,7 @@ def test_bits_per_byte_on_a_hand_computed_example():
 
 
 def test_byte_lengths_of_tokens_add_up_to_the_split_bytes(assets, tok):
-    from lmpipe.tokenizer import load_tokens, tokens_meta
+    from lmpipe.data.tokens import load_tokens, tokens_meta
 
     lengths = token_byte_lengths(tok)
     meta = tokens_meta(assets / "data" / "tokens")
@@ -289,7 +301,7 @@ def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):
 # ----------------------------------------------------------------------------- n-gram
 def test_ngram_ppl_equals_what_lmpipe_ngram_computes(eval_project, assets, tok, test_ids):
     pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
-    from lmpipe.ngram import NgramModel
+    from lmpipe.ngram.model import NgramModel
 
     folder = eval_project / "data" / "models" / "ngram"
     assert folder.exists(), "the n-gram asset was not built: see _maybe_ngram"
@@ -387,7 +399,7 @@ def test_stage_with_stride_and_cap(eval_project, tok, monkeypatch):
 
 
 def test_stage_names_every_missing_model_folder(eval_project, monkeypatch):
-    from lmpipe.stage import run_stage
+    from lmpipe.core.stage import run_stage
     from stages.evaluate import run
 
     monkeypatch.setenv("LMPIPE_TRACKING", "off")
@@ -424,7 +436,7 @@ def test_metrics_file_is_readable_by_dvc_metrics_show(eval_project, monkeypatch)
 
 
 def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_path):
-    from lmpipe.report import ReportData, write_report
+    from lmpipe.evaluation.report import ReportData, write_report
 
     data = ReportData(
         results={"ngram": {"test_bpb": 2.0, "test_ppl": 30.0, "params": 5000},
@@ -442,7 +454,7 @@ def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_pa
 
 
 def test_a_model_trained_with_another_tokenizer_is_an_input_error(tmp_path, tok):
-    from lmpipe.models import save_model
+    from lmpipe.models.store import save_model
 
     model, cfg = _tiny_transformer(50, 0)                  # 50 ids; the tokenizer has 400
     save_model(model, tmp_path / "small", "transformer", cfg)

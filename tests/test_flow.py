@@ -1,6 +1,6 @@
 """The Prefect flow's logic, in-process under one `prefect_test_harness`.
 
-The stages here are stand-ins (pipeline/testing.py FAKE_STAGE) in a scratch git+DVC repo:
+The stages here are stand-ins (tests/helpers/servers.py FAKE_STAGE) in a scratch git+DVC repo:
 each takes a second or two, so retries, upstream selection, failure isolation, locking and
 the task runners are tested without training anything.
 """
@@ -8,6 +8,7 @@ the task runners are tested without training anything.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmpipe.errors import InputError
-from pipeline import testing as T
+from lmpipe.core.errors import InputError
 from pipeline.graph import parse_dot, read_stage_graph
+from tests.helpers import servers as T
 
 
 @pytest.fixture(scope="session")
@@ -224,6 +225,7 @@ def test_second_run_fails_clearly_or_waits(tmp_path):
         assert f"pid {holder.pid}" in msg and "since 20" in msg and "pretrain" in msg
         assert "--wait" in msg
         # The CLI says the same, exits 1, and starts nothing.
+        shutil.copytree(T.REPO / "pipeline", tmp_path / "pipeline")   # a checkout's flow code
         proc = subprocess.run([str(T.BIN / "lmpipe"), "run"], cwd=tmp_path, capture_output=True,
                               text=True, env=T.test_env(LMPIPE_ROOT=str(tmp_path)))
         assert proc.returncode == 1, proc.stderr
@@ -253,7 +255,7 @@ def test_flow_refuses_a_busy_checkout(prefect_api, fake):
 
 # ----------------------------------------------------------------------------- reporting
 def test_markdown_table_from_evaluate_else_stage_metrics():
-    from pipeline.flow import metrics_markdown
+    from lmpipe.tracking.pipeline_run import metrics_markdown
 
     md = metrics_markdown({
         "evaluate": {"rnn": {"test_ppl": 9.5, "test_bpb": 2.25},
@@ -280,7 +282,8 @@ def test_parent_run_children_artifacts_and_markdown(prefect_api, fake, monkeypat
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from pipeline.flow import dvc_lock_md5, lmpipe_pipeline
+    from lmpipe.core.records import lock_md5 as dvc_lock_md5
+    from pipeline.flow import lmpipe_pipeline
 
     root = fake({"download": [], "evaluate": ["download"]})
     monkeypatch.setenv("LMPIPE_TRACKING", "on")
@@ -361,7 +364,7 @@ def test_promotion_follows_bpb_history(mlflow_uri, tmp_path):
     """champion moves only on improvement; a worse model is kept out with its reason."""
     from mlflow.tracking import MlflowClient
 
-    from lmpipe.registry import decide, register_and_promote
+    from lmpipe.tracking.registry import decide, register_and_promote
 
     assert decide(1.8, None) == (True, "no champion yet; new bpb 1.8000")
     assert decide(1.8, 1.9, 0.0, "3")[0] is True

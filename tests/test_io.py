@@ -9,7 +9,13 @@ import sys
 
 import pytest
 
-from lmpipe.io import atomic_dir, atomic_path, md5_file, sha256_file, write_json_atomic
+from lmpipe.core.files import (
+    atomic_dir,
+    atomic_path,
+    md5_file,
+    sha256_file,
+    write_json_atomic,
+)
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path):
@@ -46,7 +52,7 @@ def test_sigkill_mid_write_leaves_previous_file(tmp_path):
     target.write_bytes(b"previous")
     code = (
         "import sys, time\n"
-        "from lmpipe.io import atomic_path\n"
+        "from lmpipe.core.files import atomic_path\n"
         f"with atomic_path({str(target)!r}) as tmp:\n"
         "    f = open(tmp, 'wb'); f.write(b'x' * 1000); f.flush()\n"
         "    print('writing', flush=True); time.sleep(60)\n"

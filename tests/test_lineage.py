@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmpipe.errors import InputError
-from lmpipe.lineage import chain_of, lineage, producer_of, verify
-from pipeline import testing as T
+from lmpipe.core.errors import InputError
+from lmpipe.tracking.lineage import chain_of, lineage, producer_of, verify
+from tests.helpers import servers as T
 
 LOCK = {
     "download": {"cmd": "python -m stages.download",
@@ -28,7 +28,7 @@ LOCK = {
                            {"path": "data/tokens", "md5": "n.dir"}]},
     "pretrain": {"cmd": "python -m stages.pretrain",
                  "deps": [{"path": "data/tokens", "md5": "n.dir"},
-                          {"path": "lmpipe/trainer.py", "md5": "code"}],
+                          {"path": "lmpipe/train/trainer.py", "md5": "code"}],
                  "outs": [{"path": "data/models/transformer", "md5": "m.dir"}]},
     "ngram": {"cmd": "python -m stages.ngram", "deps": [{"path": "data/tokens", "md5": "n.dir"}],
               "outs": [{"path": "data/models/ngram", "md5": "g.dir"}]},
@@ -39,7 +39,7 @@ def test_chain_from_lock():
     assert producer_of(LOCK, "data/models/transformer/model.safetensors") == (
         "pretrain", "data/models/transformer")
     assert producer_of(LOCK, "data/corpus/train.parquet") == ("download", "data/corpus")
-    assert producer_of(LOCK, "lmpipe/trainer.py") is None
+    assert producer_of(LOCK, "lmpipe/train/trainer.py") is None
     assert chain_of(LOCK, ["pretrain"]) == ["download", "tokenizer", "pretrain"]
     assert chain_of(LOCK, ["pretrain", "ngram"]) == ["download", "tokenizer", "ngram", "pretrain"]
 

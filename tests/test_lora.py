@@ -7,17 +7,16 @@ import json
 import pytest
 import torch
 
-from lmpipe.errors import InputError
-from lmpipe.lora import (
+from lmpipe.core.errors import InputError
+from lmpipe.finetune.lora import (
     ADAPTER_FILES,
     add_lora,
     load_adapter,
     merge,
     save_adapter,
     target_modules,
-    trainable_summary,
 )
-from lmpipe.models import build_model, load_model, save_model
+from lmpipe.models.store import build_model, load_model, save_model, trainable_summary
 from lmpipe.models.transformer import Transformer, TransformerConfig
 
 CFG = dict(vocab_size=61, context_length=32, n_layer=2, n_head=2, d_model=32, dropout=0.0)
@@ -132,12 +131,14 @@ def test_lora_stage_end_to_end(project, monkeypatch):
     import shutil
 
     from peft import PeftModel
-
-    from lmpipe.instruct import build_examples, example_max_len, pad_batch, read_instruct
-    from lmpipe.tokenizer import Tokenizer
-    from sft_helpers import make_project
-    from stages import lora
     from test_sft import mlflow_artifacts, tiny_params
+
+    from lmpipe.data.corpus import read_instruct_rows
+    from lmpipe.finetune.batches import pad_batch
+    from lmpipe.finetune.examples import build_examples, example_max_len
+    from lmpipe.tokenizer.model import Tokenizer
+    from stages import lora
+    from tests.helpers.sft import make_project
 
     make_project(project)
     params = tiny_params()
@@ -163,7 +164,7 @@ def test_lora_stage_end_to_end(project, monkeypatch):
                                 out / "adapter")             # PeftModel.from_pretrained
     assert isinstance(with_adapter, PeftModel)
     tok = Tokenizer.load()
-    val = build_examples(tok, read_instruct(project / "data" / "instruct" / "val.parquet"),
+    val = build_examples(tok, read_instruct_rows(project / "data" / "instruct" / "val.parquet"),
                          example_max_len(512, merged.config.context_length)).examples
     x, _ = pad_batch(val, tok.pad_id)
     with torch.no_grad():

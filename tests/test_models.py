@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from lmpipe.errors import InputError
-from lmpipe.models import build_model, count_parameters, load_model, save_model
-from lmpipe.models.rnn import ElmanLayer, RNNLM
+from lmpipe.core.errors import InputError
+from lmpipe.models.rnn import RNNLM, ElmanLayer
+from lmpipe.models.store import build_model, count_parameters, load_model, save_model
 from lmpipe.models.transformer import RMSNorm, Transformer, apply_rotary, rope_cos_sin
 
 
@@ -302,7 +302,7 @@ def test_loading_a_corrupt_or_missing_file_is_an_input_error(tmp_path):
 def test_bad_configs_are_input_errors():
     with pytest.raises(InputError, match="unknown model_type"):
         build_model("lstm", {})
-    with pytest.raises(InputError, match="divisible"):
+    with pytest.raises(InputError, match="must divide d_model"):
         build_model("transformer", {**TCFG, "n_head": 3})
     with pytest.raises(InputError, match="extra|not permitted"):
         build_model("transformer", {**TCFG, "n_heads": 4})
@@ -358,7 +358,7 @@ def test_saved_weights_are_byte_identical_across_saves(tmp_path):
     """Tied weights + metadata must not make the safetensors header order vary per save."""
     import hashlib
 
-    from lmpipe.models import build_model, save_model
+    from lmpipe.models.store import build_model, save_model
 
     torch.manual_seed(0)
     cfg = dict(vocab_size=300, context_length=32, n_layer=1, n_head=2, d_model=32, tie_embeddings=True)

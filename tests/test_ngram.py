@@ -14,16 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmpipe import ngram_hash as nh
-from lmpipe.errors import InputError
-from lmpipe.ngram import (
-    NgramModel,
-    estimate,
-    generate_ids,
-    read_arpa,
-    sample_next,
-    write_arpa,
-)
+from lmpipe.core.errors import InputError
+from lmpipe.ngram import hashtable as nh
+from lmpipe.ngram.arpa import read_arpa, write_arpa
+from lmpipe.ngram.estimate import estimate
+from lmpipe.ngram.model import NgramModel
+from lmpipe.ngram.sampling import generate_ids, sample_next
 
 REPO = Path(__file__).resolve().parent.parent
 BOS = "<s>"
@@ -431,8 +427,8 @@ def test_kenlm_reads_our_arpa_and_agrees(tmp_path, order):
 def test_kneser_ney_beats_add_k_on_the_smoke_profile_data(mirror):
     """The smoke profile's data: the first ~200 kB of TinyShakespeare, split 90/5/5 at line
     boundaries, a 384-piece BPE trained on train, order 3 (and add-k's default k)."""
-    from lmpipe.config import profile_dict
-    from lmpipe.tokenizer import train_tokenizer
+    from lmpipe.core.profiles import profile_dict
+    from lmpipe.tokenizer.training import train_tokenizer
 
     smoke = profile_dict("smoke")
     text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[: smoke["download"]["max_bytes"]]
@@ -476,7 +472,9 @@ def test_sampling_is_seeded_and_respects_temperature_and_top_k():
 
 def _toy_tokenizer_project(root: Path, text: str, vocab_size: int = 384) -> dict:
     """data/tokenizer + data/tokens for `text` (three splits), made with the project tokenizer."""
-    from lmpipe.tokenizer import save_tokenizer, token_dtype, train_tokenizer
+    from lmpipe.data.tokens import token_dtype
+    from lmpipe.tokenizer.model import save_tokenizer
+    from lmpipe.tokenizer.training import train_tokenizer
 
     tok = train_tokenizer([text], vocab_size, num_threads=1)
     save_tokenizer(tok, root / "data" / "tokenizer" / "tokenizer.model")
@@ -495,8 +493,8 @@ def _toy_tokenizer_project(root: Path, text: str, vocab_size: int = 384) -> dict
 
 
 def test_generate_text_round_trips_through_the_tokenizer(tmp_path, mirror):
-    from lmpipe.ngram import generate_text
-    from lmpipe.tokenizer import load_tokens, tokens_meta
+    from lmpipe.data.tokens import load_tokens, tokens_meta
+    from lmpipe.ngram.sampling import generate_text
 
     _toy_tokenizer_project(tmp_path, (mirror / "tinyshakespeare.txt").read_text()[:60_000])
     meta = tokens_meta(tmp_path)
@@ -520,7 +518,7 @@ def _run_stage(env_root: Path) -> subprocess.CompletedProcess:
 
 
 def _write_params(root: Path, **ngram) -> None:
-    from lmpipe.config import deep_merge, dump_params, profile_dict
+    from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
 
     params = deep_merge(profile_dict("smoke"), {"ngram": ngram}) if ngram else profile_dict("smoke")
     (root / "params.yaml").write_text(dump_params(params))
@@ -539,8 +537,8 @@ def test_stage_end_to_end(project, mirror, mlflow_uri):
     out = project / "data" / "models" / "ngram"
     model = NgramModel.load(out)
     assert model.order == 3  # the smoke profile
-    from lmpipe.metrics import bits_per_byte
-    from lmpipe.tokenizer import load_tokens
+    from lmpipe.data.tokens import load_tokens
+    from lmpipe.evaluation.metrics import bits_per_byte
 
     val = load_tokens("val", project)
     nll, n = model.score(val)

@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from lmpipe.config import deep_merge, dump_params, profile_dict
+from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -274,8 +274,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     import safetensors.torch
     import torch
 
-    from lmpipe import checkpoint as ckpt
-    from lmpipe.models import build_model
+    from lmpipe.models.store import build_model
+    from lmpipe.train import checkpoint as ckpt
 
     torch.manual_seed(0)
     cfg = {"vocab_size": 64, "context_length": 8, "n_layer": 1, "n_head": 2, "d_model": 16}
@@ -325,7 +325,7 @@ def test_kill_between_the_two_renames_of_atomic_dir_loses_nothing(tmp_path):
     """atomic_dir swaps folders with two renames (target -> .old, tmp -> target). A kill
     between them leaves the target absent; the next writer puts the previous version back
     before it starts, so even a failed rerun leaves the previous output in place."""
-    from lmpipe.io import atomic_dir
+    from lmpipe.core.files import atomic_dir
 
     target = tmp_path / "corpus"
     with atomic_dir(target) as tmp:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.io import md5_file
-from pipeline import testing as T
+from lmpipe.core.files import md5_file
+from tests.helpers import servers as T
 
 pytestmark = pytest.mark.slow
 

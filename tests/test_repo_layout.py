@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from lmpipe.paths import STAGES
+from lmpipe.core.names import STAGES
 from tests.conftest import REPO
 
 DVC = str(Path(sys.executable).parent / "dvc")

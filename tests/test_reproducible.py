@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmpipe.config import deep_merge, dump_params, profile_dict
-from tests.pipeline_repo import make_repo, run
+from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
+from tests.helpers.repo import make_repo, run
 
 FEW_STEPS = {"max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
              "log_every": 2, "progress": False}

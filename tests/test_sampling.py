@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 
-from lmpipe.errors import InputError
-from lmpipe.models import build_model, save_model
-from lmpipe.sampling import generate, generate_text, sample_next
+from lmpipe.core.errors import InputError
+from lmpipe.models.sampling import generate, generate_text, sample_next
+from lmpipe.models.store import build_model, save_model
 
 
 @pytest.fixture(autouse=True)
@@ -220,9 +217,7 @@ class FakeTokenizer:
 
 @pytest.fixture
 def fake_tokenizer(monkeypatch):
-    module = types.ModuleType("lmpipe.tokenizer")
-    module.Tokenizer = FakeTokenizer
-    monkeypatch.setitem(sys.modules, "lmpipe.tokenizer", module)
+    monkeypatch.setattr("lmpipe.models.sampling.Tokenizer", FakeTokenizer)
 
 
 def test_generate_text_loads_the_model_and_continues_the_prompt(tmp_path, fake_tokenizer):
@@ -250,7 +245,7 @@ def test_generate_text_with_an_rnn_and_sampling_is_seeded(tmp_path, fake_tokeniz
 
 
 def test_generate_text_with_the_project_tokenizer(tmp_path, mirror):
-    from lmpipe.tokenizer import train_tokenizer
+    from lmpipe.tokenizer.training import train_tokenizer
 
     text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
     tok = train_tokenizer(text.split("\n\n"), vocab_size=400, model_prefix=tmp_path / "tok")

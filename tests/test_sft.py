@@ -9,21 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmpipe.chat_template import DEFAULT_SYSTEM, encode_chat, render_chat
-from lmpipe.errors import InputError
-from lmpipe.instruct import (
-    IGNORE_INDEX,
-    Example,
-    InstructBatches,
-    build_examples,
-    inputs_and_targets,
-    pad_batch,
-    read_instruct,
-    response_nll,
-)
-from lmpipe.models import build_model
+from lmpipe.core.errors import InputError
+from lmpipe.core.names import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
+from lmpipe.data.corpus import read_instruct_rows
+from lmpipe.finetune.batches import InstructBatches, pad_batch
+from lmpipe.finetune.examples import Example, build_examples, inputs_and_targets
+from lmpipe.finetune.tuning import response_nll
+from lmpipe.models.store import build_model
 from lmpipe.models.transformer import lm_loss
-from sft_helpers import TINY_MODEL, make_tokenizer, task_rows, write_instruct
+from lmpipe.tokenizer.chat_template import encode_chat, render_chat
+from tests.helpers.sft import TINY_MODEL, make_tokenizer, task_rows, write_instruct
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def test_template_layout_and_special_ids(tok):
     assert encode_chat(tok, "Shout: apple river").ids == chat.prompt_ids
     # no system turn when asked
     bare = encode_chat(tok, "hi", "yo", system=None)
-    assert bare.ids.count(tok.im_start_id) == 2 and DEFAULT_SYSTEM not in tok.decode(bare.ids)
+    assert bare.ids.count(tok.im_start_id) == 2 and DEFAULT_SYSTEM_PROMPT not in tok.decode(bare.ids)
 
 
 def test_user_text_cannot_forge_control_markers(tok):
@@ -175,19 +170,19 @@ def test_truncation_rule_counts(tok):
 
 def test_read_instruct_validates(tmp_path):
     good = write_instruct(tmp_path / "ok.parquet", [("a", "b"), ("c", "d")])
-    assert read_instruct(good) == [("a", "b"), ("c", "d")]
+    assert read_instruct_rows(good) == [("a", "b"), ("c", "d")]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"prompt": ["a"], "answer": ["b"]}), bad)
     with pytest.raises(InputError, match=r"bad.parquet: missing column\(s\) response"):
-        read_instruct(bad)
+        read_instruct_rows(bad)
     pq.write_table(pa.table({"prompt": ["a", None], "response": ["b", "c"]}), bad)
     with pytest.raises(InputError, match=r"bad.parquet: row 1: `prompt` is None"):
-        read_instruct(bad)
+        read_instruct_rows(bad)
     with pytest.raises(InputError, match="not found"):
-        read_instruct(tmp_path / "missing.parquet")
+        read_instruct_rows(tmp_path / "missing.parquet")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -217,7 +212,7 @@ def test_batches_are_padded_deterministic_and_resumable(tok):
 
 # ----------------------------------------------------------------------------- the stage
 def tiny_params(**train):
-    from lmpipe.config import Params
+    from lmpipe.core.params import Params
 
     t = dict(lr=3e-3, min_lr=3e-4, warmup_steps=2, batch_size=8, eval_every=10,
              eval_batches=2, log_every=2, checkpoint_every=10, progress=False, device="cpu",
@@ -247,9 +242,9 @@ def mlflow_artifacts(stage):
 
 
 def test_sft_stage_end_to_end(project):
-    from lmpipe.models import load_model
-    from sft_helpers import make_project
+    from lmpipe.models.store import load_model
     from stages import sft
+    from tests.helpers.sft import make_project
 
     make_project(project)
     params = tiny_params()
@@ -292,8 +287,8 @@ def test_sft_stage_end_to_end(project):
 
 
 def test_sft_stage_bad_inputs(project, monkeypatch):
-    from sft_helpers import make_project
     from stages import sft
+    from tests.helpers.sft import make_project
 
     monkeypatch.setenv("LMPIPE_TRACKING", "off")
     make_project(project, n_train=8, n_val=2)

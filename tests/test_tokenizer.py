@@ -16,18 +16,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmpipe.errors import InputError
-from lmpipe.tokenizer import (
-    IM_END,
-    IM_START,
-    N_RESERVED,
-    Tokenizer,
-    build,
-    load_tokens,
-    token_dtype,
-    tokens_meta,
-    train_tokenizer,
-)
+from lmpipe.core.errors import InputError
+from lmpipe.core.params import Params
+from lmpipe.core.records import read_stage_metrics
+from lmpipe.data.tokens import load_tokens, token_dtype, tokens_meta
+from lmpipe.tokenizer.model import IM_END, IM_START, N_RESERVED, Tokenizer
+from lmpipe.tokenizer.training import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt")
@@ -230,15 +224,21 @@ def test_token_dtype():
 
 
 # ----------------------------------------------------------------------------- token files
+def build(vocab_size: int, num_threads: int) -> None:
+    """The tokenizer stage's work, in this process (LMPIPE_ROOT is the scratch project)."""
+    from stages.tokenizer import run
+
+    run(Params.model_validate({"tokenizer": {"vocab_size": vocab_size, "num_threads": num_threads}}))
+
+
 def test_build_writes_consistent_token_files_and_meta(project):
     splits = shakespeare_splits()
     write_corpus(project / "data" / "corpus", splits)
-    result = build(project / "data" / "corpus", project / "data" / "tokenizer", project / "data" / "tokens",
-                   vocab_size=336, num_threads=2)
+    build(vocab_size=336, num_threads=2)
     tok = Tokenizer.load()  # default path under LMPIPE_ROOT
     assert tok.model_proto == (project / "data" / "tokenizer" / "tokenizer.model").read_bytes()
     meta = tokens_meta()
-    assert meta == json.loads((project / "data" / "tokens" / "meta.json").read_text()) == result["meta"]
+    assert meta == json.loads((project / "data" / "tokens" / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 336 == tok.vocab_size
     assert {k: meta[k] for k in ("eos_id", "bos_id", "pad_id", "unk_id", "im_start_id", "im_end_id")} == {
         "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id,
@@ -261,7 +261,7 @@ def test_build_writes_consistent_token_files_and_meta(project):
         assert np.frombuffer(raw, dtype="<u2").tolist() == arr.tolist()
     # root may be the tokens folder or the project root
     assert load_tokens("val", project / "data" / "tokens").tolist() == load_tokens("val", project).tolist()
-    m = result["metrics"]
+    m = read_stage_metrics("tokenizer")
     assert m["val_tokens"] == meta["splits"]["val"]["tokens"]
     assert m["val_bytes_per_token"] == pytest.approx(meta["splits"]["val"]["bytes"] / m["val_tokens"], rel=1e-5)
 
@@ -291,11 +291,11 @@ def test_missing_outputs_give_input_errors(project):
 def test_failed_build_publishes_nothing(project):
     write_corpus(project / "data" / "corpus", shakespeare_splits())
     corpus, tdir, kdir = (project / "data" / x for x in ("corpus", "tokenizer", "tokens"))
-    build(corpus, tdir, kdir, vocab_size=336, num_threads=1)
+    build(vocab_size=336, num_threads=1)
     before = {p.name: p.read_bytes() for d in (tdir, kdir) for p in d.iterdir()}
     write_corpus(corpus, {"test": [None, "x"]})  # type: ignore[list-item]
     with pytest.raises(InputError, match=r"test.parquet: row 0"):
-        build(corpus, tdir, kdir, vocab_size=352, num_threads=1)
+        build(vocab_size=352, num_threads=1)
     assert {p.name: p.read_bytes() for d in (tdir, kdir) for p in d.iterdir()} == before
     assert sorted(p.name for p in (project / "data").iterdir()) == ["corpus", "tokenizer", "tokens"]
 

@@ -8,8 +8,10 @@ import warnings
 
 import pytest
 
-from lmpipe.metrics import bits_per_byte, perplexity, write_metrics
-from lmpipe.tracking import PARENT_RUN_ENV, MLflowLogger, NullLogger, flatten, stage_logger
+from lmpipe.core.metric_logger import NullLogger, flatten, stage_logger
+from lmpipe.core.names import PARENT_RUN_ENV
+from lmpipe.core.records import write_metrics
+from lmpipe.evaluation.metrics import bits_per_byte, perplexity
 
 
 def test_flatten_nested_params():

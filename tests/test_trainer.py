@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe.batches import TokenBatches, eval_batches
-from lmpipe.models import build_model
-from lmpipe.trainer import (
-    NonFiniteLossError,
-    Runtime,
-    Trainer,
-    lr_at,
-    param_groups,
-    resolve_precision,
+from lmpipe.data.batches import TokenBatches, eval_batches
+from lmpipe.models.store import build_model
+from lmpipe.train.optim import lr_at, param_groups
+from lmpipe.train.runtime import Runtime, resolve_precision
+from lmpipe.train.trainer import NonFiniteLossError, Trainer
+from tests.helpers.trainer import (
+    make_project,
+    markov_tokens,
+    run_stage,
+    safetensors_parts,
+    tiny_train,
 )
-from trainer_helpers import make_project, markov_tokens, run_stage, safetensors_parts, tiny_train
 
 CPU = Runtime(device=torch.device("cpu"), dtype=None, threads=1)
 
@@ -54,7 +55,7 @@ def test_time_budget_decays_to_min_lr(monkeypatch):
     model = tiny_transformer()
     toks = markov_tokens(3000, 32)
     clock = iter(range(0, 10_000))   # perf_counter advances one "second" per call
-    import lmpipe.trainer as tr
+    import lmpipe.train.trainer as tr
 
     monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
     cfg = tiny_train(max_steps=1000, max_seconds=20, warmup_steps=2, eval_every=1000)
@@ -266,7 +267,7 @@ def test_stage_logs_to_mlflow(project, mlflow_uri):
     """Per-step train loss and lr, per-eval val loss and the final metrics reach MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from trainer_helpers import make_project as mk
+    from tests.helpers.trainer import make_project as mk
 
     mk(project, {"pretrain": {"train": {"max_steps": 6, "eval_every": 3, "log_every": 1,
                                         "threads": 1}},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline import testing as T
+from tests.helpers import servers as T
 
 pytestmark = pytest.mark.slow
 

@@ -14,34 +14,13 @@ Loss: mean cross-entropy, in fp32, over the targets that are not -100.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from lmpipe.models.configs import RNNConfig
 from lmpipe.models.transformer import lm_loss
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-class RNNConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    vocab_size: int = Field(ge=1)
-    cell: Literal["rnn", "lstm", "gru"] = "rnn"
-    n_layer: int = Field(default=1, ge=1)
-    d_embed: int = Field(ge=1)
-    d_hidden: int = Field(ge=1)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    tie_embeddings: bool = False
-
-    @model_validator(mode="after")
-    def _tying_needs_equal_sizes(self) -> "RNNConfig":
-        if self.tie_embeddings and self.d_embed != self.d_hidden:
-            raise ValueError(f"tie_embeddings needs d_embed == d_hidden, got {self.d_embed} "
-                             f"and {self.d_hidden}")
-        return self
 
 
 class ElmanLayer(nn.Module):
@@ -75,6 +54,8 @@ class RNNLM(nn.Module):
     def __init__(self, config: RNNConfig | dict):
         super().__init__()
         cfg = config if isinstance(config, RNNConfig) else RNNConfig(**config)
+        if cfg.vocab_size is None:
+            raise ValueError("RNNConfig.vocab_size must be set (the tokenizer's)")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_embed)
         self.dropout = nn.Dropout(cfg.dropout)

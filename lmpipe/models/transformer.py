@@ -30,54 +30,13 @@ Every linear layer is a plain `nn.Linear` with a stable name (`attn.qkv`, `attn.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-IGNORE_INDEX = -100
-
-
-class TransformerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    vocab_size: int = Field(ge=1)
-    context_length: int = Field(ge=1)
-    n_layer: int = Field(ge=1)
-    n_head: int = Field(ge=1)
-    d_model: int = Field(ge=2)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    tie_embeddings: bool = True
-    rope_theta: float = Field(default=10000.0, gt=0)
-    bias: bool = False
-    activation: Literal["swiglu", "gelu"] = "swiglu"
-    norm_eps: float = Field(default=1e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "TransformerConfig":
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if (self.d_model // self.n_head) % 2:
-            raise ValueError(
-                f"head size d_model/n_head = {self.d_model // self.n_head} must be even for RoPE"
-            )
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        """MLP hidden width; SwiGLU uses 2/3 of it (rounded up to a multiple of 32) for equal cost."""
-        hidden = self.mlp_ratio * self.d_model
-        if self.activation == "swiglu":
-            hidden = 2 * hidden / 3
-            return max(32, int(math.ceil(hidden / 32) * 32))
-        return max(1, int(round(hidden)))
+from lmpipe.core.names import IGNORE_INDEX
+from lmpipe.models.configs import TransformerConfig
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -227,6 +186,8 @@ class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig | dict):
         super().__init__()
         cfg = config if isinstance(config, TransformerConfig) else TransformerConfig(**config)
+        if cfg.vocab_size is None:
+            raise ValueError("TransformerConfig.vocab_size must be set (the tokenizer's)")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)

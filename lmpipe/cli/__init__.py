@@ -1,0 +1,1 @@
+"""The `lmpipe` command line (main.py), one module per verb."""

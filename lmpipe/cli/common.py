@@ -1,0 +1,36 @@
+"""What several `lmpipe` verbs share: finding a trained model by name, checking the sampling
+flags before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmpipe.core.errors import InputError
+from lmpipe.core.names import MODEL_CONFIG_FILE, MODEL_STAGE, MODELS
+from lmpipe.core.paths import model_dir
+
+
+def model_folder(name: str, choices: tuple[str, ...] = MODELS) -> Path:
+    """The folder `--model NAME` loads from (LoRA: its merged weights); exit 2 naming the
+    stage to run when it is not trained yet."""
+    if name not in choices:
+        raise InputError(f"--model: unknown model {name!r}; choose one of {', '.join(choices)}")
+    folder = model_dir(name)
+    if not folder.exists() or (name != "ngram" and not (folder / MODEL_CONFIG_FILE).exists()):
+        raise InputError(f"model {name!r} not found at {folder}; "
+                         f"run `dvc repro {MODEL_STAGE[name]}` first")
+    return folder
+
+
+def check_sampling_args(args) -> None:
+    """The sampling flags shared by `generate` and `chat`, checked before any model loads."""
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise InputError(f"--temperature: must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top-k: must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise InputError(f"--repetition-penalty: must be > 0, got {args.repetition_penalty}")

@@ -1,0 +1,86 @@
+"""`lmpipe eval --model NAME --text FILE`: perplexity and bits per byte of any UTF-8 text.
+
+The file is scored as one document (its ids, then EOS) by `lmpipe.evaluation.scoring.score_text`,
+the code path the `evaluate` stage uses for the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmpipe.cli.common import model_folder
+from lmpipe.core.errors import InputError
+from lmpipe.core.names import MODELS
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a UTF-8 text file with a trained model (perplexity, bits per byte)",
+        description="Score FILE with a trained model under data/models/ and print its "
+        "perplexity (per token) and bits per byte (per UTF-8 byte, comparable across "
+        "tokenizers). The file is one document: its tokens followed by EOS, the first one "
+        "predicted from a document boundary, exactly as the evaluate stage scores a split.",
+        epilog="example: lmpipe eval --model transformer --text notes.txt --stride 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window stride for Transformers (default: non-overlapping "
+                        "windows of the context length)")
+    p.add_argument("--rnn-context", type=int, default=None,
+                   help="score the RNN in windows of N tokens (default: carry its state)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def read_text(path: str) -> str:
+    from lmpipe.evaluation.scoring import decode_utf8  # deferred: imports torch
+
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"--text: {file}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"--text: {file}: is a folder, not a text file") from None
+    except OSError as err:
+        raise InputError(f"--text: {file}: cannot read ({err.strerror})") from None
+    text = decode_utf8(data, f"--text: {file}")
+    if not text:
+        raise InputError(f"--text: {file}: the file is empty, nothing to score")
+    return text
+
+
+def run(args) -> int:
+    from lmpipe.evaluation.scoring import (  # deferred: imports torch
+        pick_device,
+        score_text,
+    )
+
+    for name in ("stride", "rnn_context", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    folder = model_folder(args.model)
+    text = read_text(args.text)
+    score = score_text(folder, text, device=pick_device(args.device, "--device"),
+                       stride=args.stride, batch_size=args.batch_size,
+                       rnn_context=args.rnn_context, progress=sys.stderr.isatty())
+    result = {"model": args.model, "file": str(args.text), **score.metrics("text"),
+              "ppl": score.ppl, "bpb": score.bpb}
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(f"model {args.model}: {score.n_tokens} tokens, {score.n_bytes} bytes of {args.text}")
+        print(f"perplexity     {score.ppl:.6f}")
+        print(f"bits per byte  {score.bpb:.6f}")
+        print(f"loss           {score.loss:.6f} nats/token")
+        print(f"throughput     {score.tokens_per_second:,.0f} tokens/s")
+    return 0

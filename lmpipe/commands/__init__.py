@@ -1,1 +1,0 @@
-"""One module per `lmpipe` verb; each exposes `register(subparsers)`."""

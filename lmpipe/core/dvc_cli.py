@@ -1,0 +1,44 @@
+"""Running `dvc` itself: its command line is DVC's stable interface (STACK-NOTES).
+
+The `dvc` beside the running interpreter (the project's venv) is preferred over the one on
+PATH, and the stages it launches must find that same interpreter, so its folder goes first
+on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def dvc_bin() -> str:
+    """The `dvc` beside the running interpreter, else the one on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("dvc") or "dvc"
+
+
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `root`, output captured; raises RuntimeError naming the command when it
+    fails and `check` is set."""
+    proc = subprocess.run([dvc_bin(), *args], cwd=root, env=dvc_env(), capture_output=True,
+                          text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()}")
+    return proc

@@ -1,0 +1,58 @@
+"""The wrapper every `stages/<name>.py` runs under: params in, exit codes out."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from typing import Callable
+
+from lmpipe.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError
+from lmpipe.core.params import Params, load_params
+from lmpipe.core.paths import project_root
+
+
+def relaunch_distributed(name: str, nproc: int) -> int | None:
+    """Re-run stage `name` under torchrun with `nproc` processes, unless already under it.
+
+    Returns torchrun's exit code, or None when the stage should simply run in this process.
+    """
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", f"stages.{name}"]
+    print(f"stage {name}: launching {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    return subprocess.run(cmd).returncode
+
+
+def run_stage(name: str, main: Callable[[Params], None], argv: list[str] | None = None) -> int:
+    """Load params.yaml, run `main(params)`, map failures to the project's exit codes.
+
+    Bad input (InputError) exits 2 with `stage NAME: message`; anything else exits 1 with
+    the traceback. Params are validated before any work starts.
+    """
+    params_file = os.environ.get("LMPIPE_PARAMS", str(project_root() / "params.yaml"))
+    try:
+        params = load_params(params_file)
+        train = getattr(getattr(params, name, None), "train", None)
+        code = relaunch_distributed(name, getattr(train, "nproc_per_node", 1))
+        if code is not None:
+            return EXIT_OK if code == 0 else EXIT_FAILURE
+        main(params)
+    except InputError as err:
+        print(f"stage {name}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"stage {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"stage {name}: failed (see the traceback above)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def main_for(name: str, main: Callable[[Params], None]) -> None:
+    """`if __name__ == "__main__": main_for("download", run)` in each stage module."""
+    sys.exit(run_stage(name, main))

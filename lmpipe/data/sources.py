@@ -1,0 +1,192 @@
+"""The raw data of the download stage: corpus and instruction sources, read and verified.
+
+A corpus comes from `url` files (pinned sha256, offline mirror first), a Hugging Face
+`datasets` split (`hf`), or `local` files; archives are expanded safely (data/archive.py);
+text is decoded strictly and cut into documents (data/text.py). What was read is described
+with its checksums (`inputs`), so source.json and lineage can name the exact bytes.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmpipe.core.errors import InputError
+from lmpipe.core.files import sha256_file
+from lmpipe.core.params import DownloadParams, HFSource, InstructParams, RemoteFile
+from lmpipe.core.paths import project_root, scratch_dir
+from lmpipe.data.archive import TEXT_SUFFIXES, archive_kind, extract
+from lmpipe.data.fetch import Fetched, fetch, say
+from lmpipe.data.instruct import Row, read_records
+from lmpipe.data.text import normalize_newlines, read_documents
+
+
+@dataclass
+class Loaded:
+    """What a source gave: its documents (or instruction records), the raw inputs with their
+    sha256 and size, details for source.json, and where each input came from."""
+
+    items: list               # documents (str) or instruction records (list of rows)
+    inputs: list[dict]        # {"name", "sha256", "bytes" (, "url")}
+    info: dict
+    origins: dict[str, str]   # input name -> mirror / cache / network / local / hf
+
+    @property
+    def sha256(self) -> str:
+        return combined_sha256(self.inputs)
+
+    @property
+    def bytes(self) -> int:
+        return sum(i["bytes"] for i in self.inputs)
+
+
+def _display(path: Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(project_root()))
+    except ValueError:
+        return str(path)
+
+
+def _expand(path: Path, label: str, work: Path, members: str | None) -> list[tuple[Path, str]]:
+    """A text file as itself; an archive as its extracted text members."""
+    if archive_kind(label) or archive_kind(path.name):
+        return [(m.path, m.label) for m in extract(path, work, label, members)]
+    return [(path, label)]
+
+
+def combined_sha256(inputs: list[dict]) -> str:
+    """The input's sha256, or for several inputs the sha256 of their `sha256  name` lines."""
+    if len(inputs) == 1:
+        return inputs[0]["sha256"]
+    lines = "".join(f"{i['sha256']}  {i['name']}\n" for i in inputs)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def _fetch_all(files: list[RemoteFile], dl: DownloadParams, mirror: Path | None) -> list[Fetched]:
+    return [
+        fetch(f, mirror=mirror, retries=dl.retries, backoff_s=dl.backoff_s, timeout_s=dl.timeout_s)
+        for f in files
+    ]
+
+
+def _record(f: Fetched) -> dict:
+    return {"name": f.name, "url": f.url, "sha256": f.sha256, "bytes": f.bytes}
+
+
+# ----------------------------------------------------------------------------- corpus
+def _local_files(pattern: str) -> list[Path]:
+    """The files a `download.local` path, folder or glob names (relative to the project root)."""
+    base = Path(pattern).expanduser()
+    if not base.is_absolute():
+        base = project_root() / base
+    if base.is_dir():
+        found = [p for p in base.rglob("*") if p.is_file() and
+                 (p.name.lower().endswith(TEXT_SUFFIXES) or archive_kind(p.name))]
+    elif glob.has_magic(str(base)):
+        found = [Path(p) for p in glob.glob(str(base), recursive=True) if Path(p).is_file()]
+    else:
+        found = [base] if base.is_file() else []
+    if not found:
+        raise InputError(f"download.local: no file matches {pattern!r}")
+    return sorted(found)
+
+
+def _load_hf(hf: HFSource) -> tuple[list[str], list[dict], dict]:
+    """Documents of a `datasets` split; local data_files are pinned by their sha256."""
+    import datasets  # deferred: `datasets` takes seconds to import and only `hf` needs it
+
+    data_files = None
+    inputs: list[dict] = []
+    if hf.data_files:
+        data_files = []
+        for entry in hf.data_files:
+            p = Path(entry).expanduser()
+            p = p if p.is_absolute() else project_root() / p
+            found = glob.glob(str(p), recursive=True) if glob.has_magic(str(p)) else [str(p)]
+            matches = sorted(Path(m) for m in found if Path(m).is_file())
+            if not matches:
+                raise InputError(f"download.hf.data_files: no file matches {entry!r}")
+            for m in matches:
+                data_files.append(str(m))
+                inputs.append({"name": _display(m), "sha256": sha256_file(m), "bytes": m.stat().st_size})
+    kwargs = {"path": hf.path, "name": hf.name, "split": hf.split, "revision": hf.revision,
+              "cache_dir": str(scratch_dir() / "cache" / "hf")}
+    if data_files:
+        kwargs["data_files"] = data_files
+    say(f"loading Hugging Face dataset {hf.path!r} (config {hf.name!r}, split {hf.split!r})")
+    try:
+        ds = datasets.load_dataset(**kwargs)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise InputError(f"download.hf: cannot load {hf.path!r}: {type(err).__name__}: {err}") from None
+    if hf.text_field not in ds.column_names:
+        raise InputError(
+            f"download.hf.text_field: {hf.path!r} has no column {hf.text_field!r} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    docs = []
+    content = hashlib.sha256()
+    for i, value in enumerate(ds[hf.text_field]):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InputError(f"download.hf: {hf.path!r} row {i}: {hf.text_field!r} is not text")
+        text = normalize_newlines(value)
+        content.update(text.encode("utf-8") + b"\0")
+        docs.append(text)
+    if not inputs:  # a Hub dataset: pin what was read, the text itself
+        name = f"{hf.path}" + (f"/{hf.name}" if hf.name else "") + f":{hf.split}"
+        inputs.append({"name": name, "sha256": content.hexdigest(),
+                       "bytes": sum(len(d.encode("utf-8")) for d in docs)})
+    info = {"hf": hf.model_dump(mode="json")}
+    return [d for d in docs if d.strip()], inputs, info
+
+
+def load_corpus(dl: DownloadParams, mirror: Path | None, work: Path) -> Loaded:
+    """The corpus documents of `download.source`; archives are extracted under `work`."""
+    files: list[tuple[Path, str]] = []
+    origins: dict[str, str] = {}
+    if dl.source == "hf":
+        assert dl.hf is not None
+        docs, inputs, info = _load_hf(dl.hf)
+        return Loaded(docs, inputs, info, {i["name"]: "hf" for i in inputs})
+    if dl.source == "url":
+        fetched = _fetch_all(dl.files, dl, mirror)
+        inputs = [_record(f) for f in fetched]
+        info = {"urls": [f.url for f in fetched]}
+        for i, (f, remote) in enumerate(zip(fetched, dl.files)):
+            origins[f.name] = f.origin
+            files += _expand(f.path, _display(f.path) if f.origin == "mirror" else f.name,
+                             work / f"corpus-{i}", remote.members)
+    else:
+        assert dl.local is not None
+        paths = _local_files(dl.local)
+        inputs = []
+        for i, p in enumerate(paths):
+            inputs.append({"name": _display(p), "sha256": sha256_file(p), "bytes": p.stat().st_size})
+            origins[_display(p)] = "local"
+            files += _expand(p, _display(p), work / f"corpus-{i}", None)
+        info = {"local": dl.local}
+    docs: list[str] = []
+    for path, label in files:
+        docs += read_documents(
+            path, label, encoding=dl.encoding, text_field=dl.text_field,
+            separator=dl.document_separator, gutenberg=dl.strip_gutenberg,
+        )
+    return Loaded(docs, inputs, info, origins)
+
+
+# ----------------------------------------------------------------------------- instruct
+def load_instruct(ip: InstructParams, dl: DownloadParams, mirror: Path | None,
+                  work: Path) -> Loaded:
+    """The instruction records (each a list of prompt/response rows) of `download.instruct`."""
+    fetched = _fetch_all(ip.files, dl, mirror)
+    records: list[list[Row]] = []
+    for i, (f, remote) in enumerate(zip(fetched, ip.files)):
+        label = _display(f.path) if f.origin == "mirror" else f.name
+        for path, member in _expand(f.path, label, work / f"instruct-{i}", remote.members):
+            records += read_records(path, member, ip.format)
+    return Loaded(records, [_record(f) for f in fetched], {"urls": [f.url for f in fetched]},
+                  {f.name: f.origin for f in fetched})

@@ -1,0 +1,121 @@
+"""The figures: a training stage's loss curve, and the report card's charts (every model's
+loss curves, bits per byte per model). Drawn offline with matplotlib's Agg backend; a PNG
+carries no timestamp, so the same numbers give the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lmpipe.core.files import atomic_path  # noqa: E402
+from lmpipe.core.names import LOSS_CSV, LOSS_PNG  # noqa: E402
+from lmpipe.core.records import write_loss_csv  # noqa: E402
+
+
+def write_loss_plots(folder: str | Path, rows: list[Mapping[str, Any]], title: str = "") -> dict[str, Path]:
+    """plots/<stage>/loss.csv (DVC plots) and loss.png of a training stage."""
+    folder = Path(folder)
+    return {"csv": write_loss_csv(folder / LOSS_CSV, rows),
+            "png": write_loss_png(folder / LOSS_PNG, rows, title)}
+
+
+def write_loss_png(path: str | Path, rows: list[Mapping[str, Any]], title: str = "") -> Path:
+    """Train loss (raw and smoothed) and val loss against the step; lr on a second axis."""
+    steps = [r["step"] for r in rows if r.get("train_loss") is not None]
+    train = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    vsteps = [r["step"] for r in rows if r.get("val_loss") is not None]
+    val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    lr_steps = [r["step"] for r in rows if r.get("lr") is not None]
+    lrs = [r["lr"] for r in rows if r.get("lr") is not None]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        ax.plot(steps, train, color="tab:blue", alpha=0.25, linewidth=0.8)
+        # exponential moving average, bias-corrected, for a readable trend
+        smooth, avg, beta = [], 0.0, 0.9 if len(train) > 50 else 0.0
+        for i, v in enumerate(train, 1):
+            avg = beta * avg + (1 - beta) * v
+            smooth.append(avg / (1 - beta**i) if beta else v)
+        ax.plot(steps, smooth, color="tab:blue", label="train loss")
+    if val:
+        ax.plot(vsteps, val, "o-", color="tab:orange", label="val loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    handles, labels = ax.get_legend_handles_labels()
+    if lrs:
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(lr_steps, lrs, color="tab:gray", linewidth=0.8, linestyle="--")
+        ax2.set_ylabel("learning rate")
+        handles.append(line)
+        labels.append("lr")
+    if handles:
+        ax.legend(handles, labels, loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_loss_curves(curves: Mapping[str, list[dict[str, float]]], out: str | os.PathLike) -> Path:
+    """Train (solid) and validation (markers, dashed) loss of every neural model on one chart.
+
+    The x axis is tokens seen when every curve records it (models with different batch sizes
+    are then comparable), else the optimizer step.
+    """
+    x_key = "tokens" if curves and all(
+        any("tokens" in r for r in rows) for rows in curves.values()) else "step"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, rows) in enumerate(curves.items()):
+        c = colors[i % len(colors)]
+        for col, style, label in (("train_loss", "-", "train"), ("val_loss", "o--", "val")):
+            pts = [(r[x_key], r[col]) for r in rows if x_key in r and col in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, color=c, label=f"{name} {label}", markersize=3,
+                        linewidth=1.2 if col == "train_loss" else 1.0)
+    if not curves:
+        ax.text(0.5, 0.5, "no loss curves found", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("tokens seen" if x_key == "tokens" else "step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def plot_bpb(bpb: Mapping[str, float], out: str | os.PathLike, split: str = "test") -> Path:
+    """Bar chart of bits per byte per model (lower is better), values printed on the bars."""
+    names = list(bpb)
+    values = [float(bpb[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    bars = ax.bar(names, values, color="#4c72b0")
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title(f"Bits per byte on the {split} split")
+    if values:
+        ax.set_ylim(0, max(values) * 1.15)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return out

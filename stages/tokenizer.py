@@ -32,7 +32,7 @@ NAME = "tokenizer"
 
 def run(params: Params) -> None:
     p = params.tokenizer
-    corpus = {s: corpus_dir() / f"{s}.parquet" for s in SPLITS}
+    corpus = {s: corpus_dir() / s for s in SPLITS}
     missing = [str(f) for f in corpus.values() if not f.exists()]
     if missing:
         raise InputError(f"corpus split(s) not found: {', '.join(missing)}; run the download "

@@ -15,6 +15,7 @@ import sys
 import tarfile
 import threading
 import zipfile
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -35,14 +36,12 @@ from lmpipe.core.records import read_stage_metrics
 from lmpipe.data import sources
 from lmpipe.data.archive import extract
 from lmpipe.data.fetch import DownloadError, cache_dir, fetch, mirror_dir
+from lmpipe.data import reading
+from lmpipe.data.corpus import iter_texts, split_digest, split_shards
 from lmpipe.data.instruct import read_records, split_records
-from lmpipe.data.text import (
-    decode,
-    split_documents,
-    split_stats,
-    strip_gutenberg,
-    truncate_documents,
-)
+from lmpipe.data.reading import iter_documents
+from lmpipe.data.splits import lines_of, publish_splits, spool
+from lmpipe.data.text import decode, strip_gutenberg
 
 REPO = Path(__file__).resolve().parent.parent
 TS_SHA = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -55,9 +54,15 @@ def run_download(p) -> dict:
 
 
 def load_corpus(dl, mirror, work) -> tuple:
-    """(documents, inputs, info, origins) of the corpus source."""
-    got = sources.load_corpus(dl, mirror, work)
-    return got.items, got.inputs, got.info, got.origins
+    """(documents, inputs, info, origins) of the corpus source, its stream read to the end."""
+    got = sources.open_corpus(dl, mirror, work)
+    docs = list(got.documents())
+    return docs, got.inputs, got.info, got.origins
+
+
+def split_texts(corpus: Path) -> dict[str, list[str]]:
+    """The rows of each published corpus split, its shards read in order."""
+    return {s: list(iter_texts(corpus / s)) for s in ("train", "val", "test")}
 
 
 def sha256(data: bytes) -> str:
@@ -428,6 +433,59 @@ def test_strip_gutenberg_and_document_separator(project, tmp_path):
 
 
 # ----------------------------------------------------------------------------- splitting
+@dataclass
+class Stats:
+    bytes: int
+    lines: int
+    documents: int
+
+
+def split_stats(rows: list[str]) -> Stats:
+    return Stats(sum(len(r.encode()) for r in rows),
+                 sum(r.count("\n") + (not r.endswith("\n")) for r in rows), len(rows))
+
+
+def reference_split(docs: list[str], fractions) -> dict[str, list[str]]:
+    """The split rule written out plainly, over every line of the corpus held in memory."""
+    lines = [(d, line) for d, doc in enumerate(docs) for line in lines_of(doc)]
+    boundary = [0]
+    for _, line in lines:
+        boundary.append(boundary[-1] + len(line.encode()))
+    n, total = len(lines), boundary[-1]
+
+    def cut(target, lo, hi):
+        k = next(i for i, b in enumerate(boundary) if b >= target)
+        ok = [c for c in (k - 1, k) if lo <= c <= hi]
+        return min(ok, key=lambda c: abs(boundary[c] - target)) if ok else (lo if k < lo else hi)
+
+    k1 = cut(total * fractions[0], 1, n - 2)
+    k2 = cut(total * (fractions[0] + fractions[1]), k1 + 1, n - 1)
+    out = {}
+    for s, (a, b) in {"train": (0, k1), "val": (k1, k2), "test": (k2, n)}.items():
+        rows, last = [], None
+        for d, line in lines[a:b]:
+            if d == last:
+                rows[-1] += line
+            else:
+                rows.append(line)
+            last = d
+        out[s] = rows
+    return out
+
+
+def split_documents(docs: list[str], fractions, shard_bytes: int = 1 << 20) -> dict[str, list[str]]:
+    """The published rows of each split when `docs` stream through spool + publish_splits."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spooled = spool(iter(docs), Path(tmp) / ".spool", shard_bytes=shard_bytes)
+        stats = publish_splits(spooled, Path(tmp), fractions)
+        rows = {s: list(iter_texts(Path(tmp) / s)) for s in ("train", "val", "test")}
+        assert {s: vars(stats[s]) for s in rows} == {s: vars(split_stats(rows[s])) for s in rows}
+        assert not any((Path(tmp) / ".spool").iterdir())  # every shard moved or rewritten
+    return rows
+
+
 def _check_split(docs: list[str], fractions: tuple[float, float, float]) -> dict[str, list[str]]:
     splits = split_documents(docs, fractions)
     rows = splits["train"] + splits["val"] + splits["test"]
@@ -480,12 +538,141 @@ def test_split_property_any_documents(docs, train):
     _check_split(docs, (train, (1 - train) / 2, (1 - train) / 2))
 
 
-def test_max_bytes_cuts_at_a_line_boundary():
+def test_max_bytes_cuts_at_a_line_boundary(tmp_path):
     docs = ["aaaa\nbbbb\n", "cccc\ndddd\n"]
-    assert truncate_documents(docs, 12) == ["aaaa\nbbbb\n"]
-    assert truncate_documents(docs, 17) == ["aaaa\nbbbb\n", "cccc\n"]
-    assert truncate_documents(docs, 1000) == docs
-    assert truncate_documents(docs, 2) == ["aaaa\n"]  # at least one line
+
+    def spooled(max_bytes):
+        folder = tmp_path / f"spool-{max_bytes}"
+        got = spool(iter(docs), folder, shard_bytes=1024, max_bytes=max_bytes)
+        return [t for s in got.shards for t in iter_texts(s.path)], got.truncated
+
+    assert spooled(12) == (["aaaa\nbbbb\n"], True)
+    assert spooled(17) == (["aaaa\nbbbb\n", "cccc\n"], True)
+    assert spooled(1000) == (docs, False)
+    assert spooled(2) == (["aaaa\n"], True)  # at least one line
+    # the source is read no further than the cut: a stream that would fail later is fine
+    def failing():
+        yield "x" * 10 + "\n"
+        raise AssertionError("read past max_bytes")
+
+    got = spool(failing(), tmp_path / "early", shard_bytes=1024, max_bytes=5)
+    assert got.truncated and got.bytes == 11 and got.documents_read == 1
+
+
+# ----------------------------------------------------------------------------- streaming
+SEP = "<|endoftext|>"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", " ", "\n", "\r", "\r\n", "\u00e9", "\U0001f600", SEP, "<|",
+                              "endof", "\ufeff"]), max_size=30).map("".join),
+    st.integers(1, 9),
+    st.sampled_from(["utf-8", "utf-16", "latin-1"]),
+)
+def test_block_reader_gives_what_a_whole_read_gives(tmp_path_factory, text, block, encoding):
+    """Any text, any block size: documents, lines and JSON lines equal a whole-file read,
+    also with a CR/LF pair, a multi-byte character or the separator cut by a block edge."""
+    try:
+        data = text.encode(encoding)
+    except UnicodeEncodeError:
+        data = text.encode("utf-8")
+        encoding = "utf-8"
+    path = tmp_path_factory.mktemp("blocks") / "s.txt"
+    path.write_bytes(data)
+    whole = decode(data, encoding, "s.txt")
+    original = reading.BLOCK_BYTES
+    reading.BLOCK_BYTES = block
+    try:
+        docs = list(iter_documents(path, "s.txt", encoding=encoding, separator=SEP))
+        lines = list(reading.iter_lines(reading.iter_decoded(path, encoding, "s.txt")))
+    finally:
+        reading.BLOCK_BYTES = original
+    assert docs == [d.strip("\n") for d in whole.split(SEP) if d.strip()]
+    assert lines == whole.split("\n")
+
+
+def test_block_reader_errors_name_the_offset_in_the_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(reading, "BLOCK_BYTES", 8)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("x\u00e9".encode() * 10 + b"\xff tail" + b"<|endoftext|>more")
+    with pytest.raises(InputError, match=r"bad.txt: not valid utf-8 at byte offset 30 \(byte\(s\) ff"):
+        list(iter_documents(bad, "bad.txt", separator=SEP))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"a" * 21 + b"\x00" + b"b" * 10)
+    with pytest.raises(InputError, match="NUL byte at byte offset 21"):
+        list(iter_documents(binary, "bin.txt", separator=SEP))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)) + "{oops\n")
+    with pytest.raises(InputError, match=r"rows.jsonl:6: not valid JSON"):
+        list(iter_documents(rows, "rows.jsonl"))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.text(alphabet=st.sampled_from("ab \n\u00e9"), min_size=1, max_size=40),
+             min_size=1, max_size=12),
+    st.floats(0.05, 0.9),
+    st.integers(1, 60),
+)
+def test_sharded_splits_follow_the_split_rule_for_any_shard_size(docs, train, shard_bytes):
+    """Whatever the shard size (one document per shard up to all in one), the published
+    splits hold exactly the rows of the split rule applied to the whole corpus at once."""
+    docs = [d for d in docs if d.strip()]
+    fractions = (train, (1 - train) / 2, (1 - train) / 2)
+    if sum(len(lines_of(d)) for d in docs) < 3:
+        return
+    assert split_documents(docs, fractions, shard_bytes) == reference_split(docs, fractions)
+
+
+def _big_corpus(folder: Path, n_bytes: int) -> int:
+    """About `n_bytes` of text: distinct documents separated by SEP in .txt files and the same
+    documents as rows of .parquet files (the two shapes of a large corpus)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{i}" for i in range(5000)] + [".", ",", "\n"])
+    base = [" ".join(words[rng.integers(0, words.size, 500)]).replace(" \n ", "\n").strip()
+            for _ in range(1000)]
+    folder.mkdir(parents=True)
+    written, part, i = 0, 0, 0
+    while written < n_bytes:
+        docs = [f"doc {i + j} {base[(i + j) % len(base)]}" for j in range(10_000)]
+        i += len(docs)
+        (folder / f"part-{part}.txt").write_text("".join(d + SEP + "\n" for d in docs))
+        pq.write_table(pa.table({"text": docs}), folder / f"part-{part}.parquet", row_group_size=1000)
+        written += sum(len(d) for d in docs)
+        part += 1
+    return written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["local", "hf"])
+def test_download_streams_a_corpus_larger_than_its_memory_limit(project, tmp_path, source):
+    """A corpus several times the RSS limit passes through the stage: documents stream into
+    shards, so the stage's peak RSS stays below the limit this test sets."""
+    limit_mb = 350
+    size = _big_corpus(project / "big", int(1.2 * limit_mb * 2**20))
+    download = {"shard_bytes": 4_000_000, "instruct": {"max_rows": 50}}
+    if source == "local":
+        download.update(source="local", local="big/*.txt", document_separator=SEP)
+    else:
+        download.update(source="hf", hf={"path": "parquet", "data_files": ["big/*.parquet"]})
+    (project / "params.yaml").write_text(yaml.safe_dump(deep_merge(default_params_dict(),
+                                                                   {"download": download})))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LMPIPE_TRACKING": "off"}
+    proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    err = proc.stderr
+    m = read_stage_metrics("download")
+    peak_mb = m["peak_rss_mb"]  # the stage's own high-water mark (VmHWM)
+    assert sum(m[f"{s}_bytes"] for s in ("train", "val", "test")) == size, err
+    assert size > 1.2 * limit_mb * 2**20 and peak_mb < limit_mb, (peak_mb, err[-2000:])
+    print(f"download ({source}): {size / 2**20:.0f} MiB corpus, peak RSS {peak_mb:.0f} MiB")
+    shards = {s: split_shards(project / "data" / "corpus" / s) for s in ("train", "val", "test")}
+    assert len(shards["train"]) >= 80  # 4 MB shards of the ~390 MB train split
+    first = next(iter_texts(shards["train"][0]))
+    assert first.startswith("doc 0 w") and SEP not in first
 
 
 # ----------------------------------------------------------------------------- instruct
@@ -594,7 +781,7 @@ def test_full_run_outputs_and_a_failed_run_keeps_them(project, mirror, monkeypat
     p = params_with({"download": {"max_bytes": 50_000, "instruct": {"max_rows": 100}}})
     m = run_download(p)
     corpus = project / "data" / "corpus"
-    texts = {s: pq.read_table(corpus / f"{s}.parquet").column("text").to_pylist() for s in ("train", "val", "test")}
+    texts = split_texts(corpus)
     original = (mirror / "tinyshakespeare.txt").read_text()
     joined = "".join(texts["train"] + texts["val"] + texts["test"])
     assert original.startswith(joined) and 49_900 < len(joined.encode()) <= 50_000
@@ -629,16 +816,14 @@ def test_crash_while_writing_outputs_keeps_the_previous_ones(project, monkeypatc
     calls = []
 
     def failing_write(path, columns):
-        calls.append(path.name)
-        if "prompt" in columns:  # the corpus files are already written in the temp folder
-            raise OSError(28, "No space left on device")
-        real_write(path, columns)
+        calls.append(path)
+        raise OSError(28, "No space left on device")
 
-    real_write = stage.write_columns
     monkeypatch.setattr(stage, "write_columns", failing_write)
     with pytest.raises(OSError, match="No space left"):
         run_download(params_with({"download": {"max_bytes": 9_000, "instruct": {"max_rows": 20}}}))
-    assert calls[:4] == ["train.parquet", "val.parquet", "test.parquet", "train.parquet"]
+    # the corpus shards were already written in the temporary folder when the write failed
+    assert calls and calls[0].name == "train.parquet"
     assert _snapshot(project) == before
     assert sorted(x.name for x in (project / "data").iterdir()) == ["corpus", "instruct"]
 
@@ -686,8 +871,8 @@ def test_stage_end_to_end_subprocess(project, mlflow_uri):
     assert run.data.params["download.max_bytes"] == "20000"
     inputs = {d.dataset.name: (d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
     corpus = project / "data" / "corpus"
-    assert inputs["corpus-train"] == (md5_file(corpus / "train.parquet"), "train")
-    assert inputs["corpus-test"] == (md5_file(corpus / "test.parquet"), "test")
+    assert inputs["corpus-train"] == (md5_file(corpus / "train" / "part-00000.parquet"), "train")
+    assert inputs["corpus-test"] == (split_digest(corpus / "test"), "test")
     assert set(inputs) == {"corpus-train", "corpus-val", "corpus-test", "instruct-train", "instruct-val"}
 
     (project / "params.yaml").write_text(yaml.safe_dump({"download": {"split": {"train": 0.95}}}))

@@ -37,8 +37,16 @@ TOKENS_META_FILE = "meta.json"             # dtype, special ids and sizes of the
 NGRAM_FILE = "model.npz"                   # the n-gram model, compact
 ARPA_FILE = "model.arpa.gz"                # the same model in ARPA form (KenLM, SRILM)
 SOURCE_FILE = "source.json"                # where the raw data came from, with checksums
+CORPUS_SUFFIX = ".parquet"                 # data/corpus/<split>/part-NNNNN.parquet
+TOKENS_SUFFIX = ".bin"                     # data/tokens/<split>/part-NNNNN.bin
 LOSS_CSV = "loss.csv"                      # per-step loss of a training stage (DVC plots)
 LOSS_PNG = "loss.png"
+
+
+def shard_file(index: int, suffix: str) -> str:
+    """The name of shard `index` of a split: part-00000.parquet, part-00001.bin, ..."""
+    return f"part-{index:05d}{suffix}"
+
 
 # Environment variables.
 PARENT_RUN_ENV = "LMPIPE_PARENT_RUN_ID"    # the MLflow run the stage runs are children of

@@ -96,6 +96,11 @@ class HFSource(Section):
         default=None, description="files for a builder (relative to the project root)"
     )
     revision: str | None = Field(default=None, description="Hub revision (a commit to pin)")
+    streaming: bool = Field(
+        default=True,
+        description="Read the split as a stream (datasets' streaming=True: no Arrow cache "
+        "copy, flat memory, plain splits only); false = load_dataset's cached, memory-mapped "
+        "table (split slicing such as 'train[:10%]' allowed)")
 
 
 class SplitFractions(Section):
@@ -201,7 +206,13 @@ class DownloadParams(Section):
     )
     max_bytes: int | None = Field(
         default=None, ge=64,
-        description="Keep only the first N bytes of text (cut at a line boundary); null = all",
+        description="Keep only the first N bytes of text (cut at a line boundary); null = all. "
+        "The source is read no further than that",
+    )
+    shard_bytes: int = Field(
+        default=64_000_000, ge=1024,
+        description="Text per Parquet shard of data/corpus/<split>/ (the unit the tokenizer "
+        "encodes in parallel, and the most the download stage holds in memory)",
     )
     split: SplitFractions = Field(default_factory=SplitFractions)
     retries: int = Field(default=4, ge=0, le=20)

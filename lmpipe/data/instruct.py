@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from lmpipe.core.errors import InputError
-from lmpipe.data.text import iter_jsonl, normalize_newlines
+from lmpipe.data.reading import iter_jsonl
+from lmpipe.data.text import normalize_newlines
 
 Row = tuple[str, str]  # (prompt, response)
 

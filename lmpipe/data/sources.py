@@ -2,16 +2,20 @@
 
 A corpus comes from `url` files (pinned sha256, offline mirror first), a Hugging Face
 `datasets` split (`hf`), or `local` files; archives are expanded safely (data/archive.py);
-text is decoded strictly and cut into documents (data/text.py). What was read is described
-with its checksums (`inputs`), so source.json and lineage can name the exact bytes.
+text is decoded strictly and cut into documents as it streams (data/reading.py), so a corpus
+larger than memory passes through. What was read is described with its checksums
+(`inputs`), so source.json and lineage can name the exact bytes. The instruction data is
+small and read whole.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from lmpipe.core.errors import InputError
 from lmpipe.core.files import sha256_file
@@ -20,15 +24,18 @@ from lmpipe.core.paths import project_root, scratch_dir
 from lmpipe.data.archive import TEXT_SUFFIXES, archive_kind, extract
 from lmpipe.data.fetch import Fetched, fetch, say
 from lmpipe.data.instruct import Row, read_records
-from lmpipe.data.text import normalize_newlines, read_documents
+from lmpipe.data.reading import iter_documents
+from lmpipe.data.text import normalize_newlines
+
+HF_BATCH_ROWS = 1000  # rows of a `datasets` split read at a time
 
 
 @dataclass
 class Loaded:
-    """What a source gave: its documents (or instruction records), the raw inputs with their
-    sha256 and size, details for source.json, and where each input came from."""
+    """What the instruction source gave: its records, the raw inputs with their sha256 and
+    size, details for source.json, and where each input came from."""
 
-    items: list               # documents (str) or instruction records (list of rows)
+    items: list               # instruction records (each a list of rows)
     inputs: list[dict]        # {"name", "sha256", "bytes" (, "url")}
     info: dict
     origins: dict[str, str]   # input name -> mirror / cache / network / local / hf
@@ -94,64 +101,120 @@ def _local_files(pattern: str) -> list[Path]:
     return sorted(found)
 
 
-def _load_hf(hf: HFSource) -> tuple[list[str], list[dict], dict]:
-    """Documents of a `datasets` split; local data_files are pinned by their sha256."""
+class Corpus:
+    """A corpus source opened for reading: its documents as a stream, and what was read.
+
+    `documents()` yields the non-blank documents one at a time (no source is held in
+    memory). `inputs` names each raw input with its sha256 and size; a Hub dataset has no
+    files to pin, so its entry is the sha256 of the text read so far, complete once the
+    stream has been consumed (or stopped early at `download.max_bytes`).
+    """
+
+    def __init__(self, inputs: list[dict], info: dict, origins: dict[str, str], docs):
+        self._inputs = inputs
+        self.info = info
+        self.origins = origins
+        self._docs = docs
+        self._content: hashlib._Hash | None = None
+        self._content_bytes = 0
+        self._content_name: str | None = None
+
+    def documents(self) -> Iterator[str]:
+        return self._docs(self)
+
+    def _hash_content(self, name: str, text: str) -> None:
+        if self._content is None:
+            self._content, self._content_name = hashlib.sha256(), name
+        self._content.update(text.encode("utf-8") + b"\0")
+        self._content_bytes += len(text.encode("utf-8"))
+
+    @property
+    def inputs(self) -> list[dict]:
+        if self._content is None:
+            return self._inputs
+        return [{"name": self._content_name, "sha256": self._content.hexdigest(),
+                 "bytes": self._content_bytes}]
+
+    @property
+    def sha256(self) -> str:
+        return combined_sha256(self.inputs)
+
+    @property
+    def bytes(self) -> int:
+        return sum(i["bytes"] for i in self.inputs)
+
+
+def _hf_data_files(hf: HFSource) -> tuple[list[str], list[dict]]:
+    data_files: list[str] = []
+    inputs: list[dict] = []
+    for entry in hf.data_files or []:
+        p = Path(entry).expanduser()
+        p = p if p.is_absolute() else project_root() / p
+        found = glob.glob(str(p), recursive=True) if glob.has_magic(str(p)) else [str(p)]
+        matches = sorted(Path(m) for m in found if Path(m).is_file())
+        if not matches:
+            raise InputError(f"download.hf.data_files: no file matches {entry!r}")
+        for m in matches:
+            data_files.append(str(m))
+            inputs.append({"name": _display(m), "sha256": sha256_file(m), "bytes": m.stat().st_size})
+    return data_files, inputs
+
+
+def _open_hf(hf: HFSource) -> Corpus:
+    """A `datasets` split read in batches: streamed (`download.hf.streaming`, no Arrow cache
+    copy, memory flat) or from load_dataset's memory-mapped cache. Local data_files are
+    pinned by their sha256; a Hub dataset by the sha256 of its text.
+
+    USE_TORCH=0 (unless set): a streamed `datasets` split imports torch when it can, for
+    its PyTorch data-loader support; this stage needs none, and torch costs ~200 MB of RSS.
+    """
+    os.environ.setdefault("USE_TORCH", "0")
     import datasets  # deferred: `datasets` takes seconds to import and only `hf` needs it
 
-    data_files = None
-    inputs: list[dict] = []
-    if hf.data_files:
-        data_files = []
-        for entry in hf.data_files:
-            p = Path(entry).expanduser()
-            p = p if p.is_absolute() else project_root() / p
-            found = glob.glob(str(p), recursive=True) if glob.has_magic(str(p)) else [str(p)]
-            matches = sorted(Path(m) for m in found if Path(m).is_file())
-            if not matches:
-                raise InputError(f"download.hf.data_files: no file matches {entry!r}")
-            for m in matches:
-                data_files.append(str(m))
-                inputs.append({"name": _display(m), "sha256": sha256_file(m), "bytes": m.stat().st_size})
+    data_files, inputs = _hf_data_files(hf)
     kwargs = {"path": hf.path, "name": hf.name, "split": hf.split, "revision": hf.revision,
-              "cache_dir": str(scratch_dir() / "cache" / "hf")}
+              "streaming": hf.streaming}
+    if not hf.streaming:
+        kwargs["cache_dir"] = str(scratch_dir() / "cache" / "hf")
     if data_files:
         kwargs["data_files"] = data_files
-    say(f"loading Hugging Face dataset {hf.path!r} (config {hf.name!r}, split {hf.split!r})")
+    say(f"loading Hugging Face dataset {hf.path!r} (config {hf.name!r}, split {hf.split!r}"
+        f"{', streaming' if hf.streaming else ''})")
     try:
         ds = datasets.load_dataset(**kwargs)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise InputError(f"download.hf: cannot load {hf.path!r}: {type(err).__name__}: {err}") from None
-    if hf.text_field not in ds.column_names:
-        raise InputError(
-            f"download.hf.text_field: {hf.path!r} has no column {hf.text_field!r} "
-            f"(columns: {', '.join(ds.column_names)})"
-        )
-    docs = []
-    content = hashlib.sha256()
-    for i, value in enumerate(ds[hf.text_field]):
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise InputError(f"download.hf: {hf.path!r} row {i}: {hf.text_field!r} is not text")
-        text = normalize_newlines(value)
-        content.update(text.encode("utf-8") + b"\0")
-        docs.append(text)
-    if not inputs:  # a Hub dataset: pin what was read, the text itself
-        name = f"{hf.path}" + (f"/{hf.name}" if hf.name else "") + f":{hf.split}"
-        inputs.append({"name": name, "sha256": content.hexdigest(),
-                       "bytes": sum(len(d.encode("utf-8")) for d in docs)})
-    info = {"hf": hf.model_dump(mode="json")}
-    return [d for d in docs if d.strip()], inputs, info
+    columns = ds.column_names
+    if columns is not None and hf.text_field not in columns:
+        raise InputError(f"download.hf.text_field: {hf.path!r} has no column {hf.text_field!r} "
+                         f"(columns: {', '.join(columns)})")
+    hub_name = None if inputs else f"{hf.path}" + (f"/{hf.name}" if hf.name else "") + f":{hf.split}"
+
+    def docs(corpus: Corpus) -> Iterator[str]:
+        row = 0
+        for batch in ds.select_columns([hf.text_field]).iter(batch_size=HF_BATCH_ROWS):
+            for value in batch[hf.text_field]:
+                if value is not None and not isinstance(value, str):
+                    raise InputError(f"download.hf: {hf.path!r} row {row}: {hf.text_field!r} is not text")
+                row += 1
+                if value is None:
+                    continue
+                text = normalize_newlines(value)
+                if hub_name is not None:  # a Hub dataset: pin what was read, the text itself
+                    corpus._hash_content(hub_name, text)
+                if text.strip():
+                    yield text
+
+    return Corpus(inputs, {"hf": hf.model_dump(mode="json")}, {i["name"]: "hf" for i in inputs}, docs)
 
 
-def load_corpus(dl: DownloadParams, mirror: Path | None, work: Path) -> Loaded:
-    """The corpus documents of `download.source`; archives are extracted under `work`."""
-    files: list[tuple[Path, str]] = []
-    origins: dict[str, str] = {}
+def open_corpus(dl: DownloadParams, mirror: Path | None, work: Path) -> Corpus:
+    """The corpus of `download.source`, ready to stream; archives are extracted under `work`."""
     if dl.source == "hf":
         assert dl.hf is not None
-        docs, inputs, info = _load_hf(dl.hf)
-        return Loaded(docs, inputs, info, {i["name"]: "hf" for i in inputs})
+        return _open_hf(dl.hf)
+    files: list[tuple[Path, str]] = []
+    origins: dict[str, str] = {}
     if dl.source == "url":
         fetched = _fetch_all(dl.files, dl, mirror)
         inputs = [_record(f) for f in fetched]
@@ -169,13 +232,13 @@ def load_corpus(dl: DownloadParams, mirror: Path | None, work: Path) -> Loaded:
             origins[_display(p)] = "local"
             files += _expand(p, _display(p), work / f"corpus-{i}", None)
         info = {"local": dl.local}
-    docs: list[str] = []
-    for path, label in files:
-        docs += read_documents(
-            path, label, encoding=dl.encoding, text_field=dl.text_field,
-            separator=dl.document_separator, gutenberg=dl.strip_gutenberg,
-        )
-    return Loaded(docs, inputs, info, origins)
+
+    def docs(corpus: Corpus) -> Iterator[str]:
+        for path, label in files:
+            yield from iter_documents(path, label, encoding=dl.encoding, text_field=dl.text_field,
+                                      separator=dl.document_separator, gutenberg=dl.strip_gutenberg)
+
+    return Corpus(inputs, info, origins, docs)
 
 
 # ----------------------------------------------------------------------------- instruct

@@ -31,7 +31,7 @@ def _read_documents(source: str | os.PathLike) -> Iterator[str]:
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: training text not found")
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet" or path.is_dir():
         yield from iter_texts(path)
     else:
         try:

@@ -2,19 +2,23 @@
 
     python -m stages.tokenizer     (dvc repro tokenizer)
 
-Reads  data/corpus/{train,val,test}.parquet and params `tokenizer`.
-Writes data/tokenizer/tokenizer.model (+ tokenizer.vocab), data/tokens/{train,val,test}.bin +
-       meta.json (lmpipe/data/tokens.py), metrics/tokenizer.json; logs params, metrics and
-       the model to MLflow.
+Reads  data/corpus/{train,val,test}/ (Parquet shards) and params `tokenizer`.
+Writes data/tokenizer/tokenizer.model (+ tokenizer.vocab), data/tokens/{train,val,test}/
+       part-NNNNN.bin (one token shard per corpus shard) + meta.json (lmpipe/data/tokens.py),
+       metrics/tokenizer.json; logs params, metrics and the model to MLflow.
 
-Both folders are built beside their targets and renamed into place only when everything
-succeeded. The model is byte-identical for the same corpus and params on any machine.
+Training reads a seeded sample of the train documents (`tokenizer.sample_bytes`), since
+sentencepiece holds its whole input in memory; encoding streams every shard through
+`tokenizer.num_threads` worker processes (lmpipe/tokenizer/encoding.py). Both folders are
+built beside their targets and renamed into place only when everything succeeded. The model
+and the token files are byte-identical for the same corpus and params on any machine.
 """
 
 from __future__ import annotations
 
 import time
 
+from lmpipe.core.console import note, peak_rss_mb
 from lmpipe.core.errors import InputError
 from lmpipe.core.files import atomic_dir, sha256_file
 from lmpipe.core.metric_logger import stage_logger
@@ -23,9 +27,10 @@ from lmpipe.core.params import Params
 from lmpipe.core.paths import corpus_dir, tokenizer_dir, tokens_dir
 from lmpipe.core.records import write_metrics
 from lmpipe.core.stage import main_for
-from lmpipe.data.tokens import encode_split, write_tokens_meta
+from lmpipe.data.tokens import write_tokens_meta
+from lmpipe.tokenizer.encoding import encode_corpus
 from lmpipe.tokenizer.model import save_tokenizer
-from lmpipe.tokenizer.training import train_tokenizer
+from lmpipe.tokenizer.training import sample_documents, train_tokenizer
 
 NAME = "tokenizer"
 
@@ -33,26 +38,34 @@ NAME = "tokenizer"
 def run(params: Params) -> None:
     p = params.tokenizer
     corpus = {s: corpus_dir() / s for s in SPLITS}
-    missing = [str(f) for f in corpus.values() if not f.exists()]
+    missing = [str(f) for f in corpus.values() if not f.is_dir()]
     if missing:
         raise InputError(f"corpus split(s) not found: {', '.join(missing)}; run the download "
                          "stage first (`dvc repro download`)")
     with stage_logger(NAME, params.tracking.experiment) as log:
         log.log_params({NAME: p.model_dump(mode="json")})
         with atomic_dir(tokenizer_dir()) as tok_tmp, atomic_dir(tokens_dir()) as ids_tmp:
+            # 1. Train on a seeded sample of the train documents (all of them when it fits).
             t0 = time.perf_counter()
-            tok = train_tokenizer(corpus["train"], p.vocab_size, p.num_threads,
+            sample = sample_documents(corpus["train"], p.sample_bytes, p.sample_seed)
+            sample_bytes = sum(len(d.encode("utf-8")) for d in sample)
+            note(f"tokenizer: training on {len(sample):,} documents ({sample_bytes / 1e6:,.1f} MB)")
+            tok = train_tokenizer(sample, p.vocab_size, p.num_threads,
                                   character_coverage=p.character_coverage,
                                   max_sentence_length=p.max_sentence_length,
                                   input_sentence_size=p.input_sentence_size)
+            del sample
             train_seconds = time.perf_counter() - t0
             save_tokenizer(tok, tok_tmp / TOKENIZER_FILE)
 
+            # 2. Encode every shard of every split, in parallel over shards.
             t0 = time.perf_counter()
-            splits = {s: encode_split(tok, corpus[s], ids_tmp / f"{s}.bin", p.num_threads)
-                      for s in SPLITS}
+            shards = encode_corpus(tok, corpus, ids_tmp, p.num_threads)
             encode_seconds = time.perf_counter() - t0
-            write_tokens_meta(ids_tmp, tok, splits, sha256_file(tok_tmp / TOKENIZER_FILE))
+            meta = write_tokens_meta(ids_tmp, tok, shards, sha256_file(tok_tmp / TOKENIZER_FILE))
+        splits = meta["splits"]
+        encoded_bytes = sum(splits[s]["bytes"] for s in SPLITS)
+        encoded_tokens = sum(splits[s]["tokens"] for s in SPLITS)
 
         def bytes_per_token(s: str) -> float:
             return round(splits[s]["bytes"] / splits[s]["tokens"], 6) if splits[s]["tokens"] else 0.0
@@ -60,17 +73,23 @@ def run(params: Params) -> None:
         metrics = write_metrics(NAME, {
             "vocab_size": tok.vocab_size,
             "train_seconds": round(train_seconds, 3),
+            "train_sample_bytes": sample_bytes,
             "encode_seconds": round(encode_seconds, 3),
+            "encode_tokens_per_second": round(encoded_tokens / max(encode_seconds, 1e-9), 1),
             "val_bytes_per_token": bytes_per_token("val"),
             "test_bytes_per_token": bytes_per_token("test"),
+            "peak_rss_mb": peak_rss_mb(),
             **{f"{s}_tokens": splits[s]["tokens"] for s in SPLITS},
+            **{f"{s}_shards": len(splits[s]["shards"]) for s in SPLITS},
         })
         log.log_metrics(metrics)
         log.log_artifact(tokenizer_dir() / TOKENIZER_FILE, "tokenizer")
         log.log_artifact(tokenizer_dir() / TOKENIZER_VOCAB_FILE, "tokenizer")
         log.log_artifact(tokens_dir() / TOKENS_META_FILE, "tokens")
-    print(f"tokenizer: vocab {tok.vocab_size}, trained in {train_seconds:.2f}s, encoded in "
-          f"{encode_seconds:.2f}s; " + ", ".join(f"{s} {splits[s]['tokens']} tokens" for s in SPLITS)
+    print(f"tokenizer: vocab {tok.vocab_size}, trained in {train_seconds:.2f}s, encoded "
+          f"{encoded_bytes / 1e6:,.1f} MB in {encode_seconds:.2f}s "
+          f"({encoded_bytes / 1e6 / max(encode_seconds, 1e-9):.1f} MB/s); "
+          + ", ".join(f"{s} {splits[s]['tokens']:,} tokens" for s in SPLITS)
           + f"; val {metrics['val_bytes_per_token']:.3f} bytes/token")
 
 

@@ -47,10 +47,15 @@ def tok() -> Tokenizer:
     return train_tokenizer([_corpus_text()], 400, num_threads=2)
 
 
-def write_corpus(folder: Path, splits: dict[str, list[str]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def write_corpus(folder: Path, splits: dict[str, list[str]], shards: int = 1) -> None:
+    """data/corpus/<split>/part-NNNNN.parquet, the documents cut into `shards` shards."""
     for name, docs in splits.items():
-        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), folder / f"{name}.parquet")
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        cuts = np.linspace(0, len(docs), shards + 1).round().astype(int)
+        for i in range(shards):
+            part = docs[cuts[i]:cuts[i + 1]]
+            pq.write_table(pa.table({"text": pa.array(part, pa.string())}),
+                           folder / name / f"part-{i:05d}.parquet")
 
 
 def shakespeare_splits() -> dict[str, list[str]]:
@@ -95,6 +100,8 @@ def test_batch_and_line_chunks_equal_whole_text_encoding(tok, docs):
     flat = tok.encode_documents(docs)
     assert flat.dtype == np.dtype("<u2")
     assert flat.tolist() == expected
+    # one thread encodes whole documents instead of their lines: the same ids
+    assert tok.encode_documents(docs, num_threads=1).tolist() == expected
 
 
 def test_byte_fallback_for_characters_never_seen_in_training():
@@ -173,8 +180,10 @@ def test_train_from_txt_and_parquet_files(tmp_path):
     (tmp_path / "c.txt").write_text(text, encoding="utf-8")
     write_corpus(tmp_path, {"c": [text]})
     from_txt = train_tokenizer(str(tmp_path / "c.txt"), 320)
-    from_parquet = train_tokenizer(tmp_path / "c.parquet", 320)
+    from_parquet = train_tokenizer(tmp_path / "c" / "part-00000.parquet", 320)
+    from_split = train_tokenizer(tmp_path / "c", 320)
     assert from_txt.model_proto == from_parquet.model_proto == train_tokenizer([text], 320).model_proto
+    assert from_split.model_proto == from_txt.model_proto
     with pytest.raises(InputError, match="not found"):
         train_tokenizer(tmp_path / "missing.txt", 320)
 
@@ -247,8 +256,9 @@ def test_build_writes_consistent_token_files_and_meta(project):
         arr = load_tokens(name)
         assert isinstance(arr, np.memmap) and arr.dtype == np.dtype("<u2")
         info = meta["splits"][name]
-        assert info == {"tokens": len(arr), "documents": len(docs),
-                        "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+        totals = {"tokens": len(arr), "documents": len(docs),
+                  "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+        assert info == {**totals, "shards": [{"file": f"{name}/part-00000.bin", **totals}]}
         assert int((arr == tok.eos_id).sum()) == len(docs)
         assert arr[-1] == tok.eos_id
         ends = np.flatnonzero(arr == tok.eos_id)
@@ -257,7 +267,7 @@ def test_build_writes_consistent_token_files_and_meta(project):
             assert tok.decode(arr[s:e]) == doc
             assert arr[s:e].tolist() == tok.encode(doc)  # line-chunked == whole-document encoding
         # raw little-endian uint16 on disk, readable without numpy's memmap too
-        raw = (project / "data" / "tokens" / f"{name}.bin").read_bytes()
+        raw = (project / "data" / "tokens" / name / "part-00000.bin").read_bytes()
         assert np.frombuffer(raw, dtype="<u2").tolist() == arr.tolist()
     # root may be the tokens folder or the project root
     assert load_tokens("val", project / "data" / "tokens").tolist() == load_tokens("val", project).tolist()
@@ -281,6 +291,109 @@ def test_load_tokens_checks_size_against_meta(project):
         load_tokens("nope")
 
 
+# ----------------------------------------------------------------------------- shards
+def test_sharded_corpus_gives_one_token_shard_per_corpus_shard_with_any_workers(project, monkeypatch):
+    """Three corpus shards per split -> three token shards and one meta.json; the files are
+    the same bytes encoded in this process (1 thread) or by 2 worker processes."""
+    import lmpipe.tokenizer.encoding as encoding
+    from lmpipe.data.batches import TokenBatches
+    from lmpipe.data.tokens import ShardedTokens
+
+    splits = shakespeare_splits()
+    write_corpus(project / "data" / "corpus", splits, shards=3)
+    build(vocab_size=336, num_threads=1)
+    tokens = project / "data" / "tokens"
+    single = {p.relative_to(tokens).as_posix(): p.read_bytes() for p in sorted(tokens.rglob("*.bin"))}
+    assert sorted(single) == [f"{s}/part-{i:05d}.bin" for s in ("test", "train", "val") for i in range(3)]
+    monkeypatch.setattr(encoding, "POOL_MIN_BYTES", 0)  # the pool even for this small corpus
+    build(vocab_size=336, num_threads=2)
+    assert {p.relative_to(tokens).as_posix(): p.read_bytes() for p in sorted(tokens.rglob("*.bin"))} == single
+
+    tok, meta = Tokenizer.load(), tokens_meta()
+    for name, docs in splits.items():
+        shards = meta["splits"][name]["shards"]
+        assert [s["file"] for s in shards] == [f"{name}/part-{i:05d}.bin" for i in range(3)]
+        assert sum(s["documents"] for s in shards) == len(docs) == meta["splits"][name]["documents"]
+        arr = load_tokens(name)
+        assert isinstance(arr, ShardedTokens) and len(arr) == meta["splits"][name]["tokens"]
+        whole = np.concatenate([np.frombuffer(single[s["file"]], dtype="<u2") for s in shards])
+        assert np.asarray(arr).tolist() == whole.tolist() == tok.encode_documents(docs).tolist()
+    # the training loader reads the shards as it reads one array: the same batches
+    train = load_tokens("train")
+    flat = np.asarray(train)
+    a, b = TokenBatches(train, 16, 4, seed=3), TokenBatches(flat, 16, 4, seed=3)
+    for _ in range(3 * a.n_windows // 4 + 2):  # into the second epoch
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert xa.tolist() == xb.tolist() and ya.tolist() == yb.tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=1, max_size=5), st.integers(-12, 40), st.integers(-12, 40),
+       st.sampled_from(["<u2", "<u4"]))
+def test_sharded_tokens_read_like_one_array(sizes, start, stop, dtype):
+    from lmpipe.data.tokens import ShardedTokens
+
+    rng = np.random.default_rng(sum(sizes))
+    parts = [rng.integers(0, 70000 if dtype == "<u4" else 65535, n).astype(dtype) for n in sizes]
+    flat = np.concatenate(parts)
+    view = ShardedTokens(parts)
+    assert len(view) == view.shape[0] == view.size == flat.size and view.dtype == np.dtype(dtype)
+    assert view[start:stop].tolist() == flat[start:stop].tolist()
+    assert view[start:stop].dtype == np.dtype(dtype)
+    assert view[::2].tolist() == flat[::2].tolist()
+    assert np.asarray(view, dtype=np.int64).tolist() == flat.astype(np.int64).tolist()
+    for i in (start, stop):
+        if -flat.size <= i < flat.size:
+            assert int(view[i]) == int(flat[i])
+        else:
+            with pytest.raises(IndexError):
+                view[i]
+
+
+def test_load_tokens_of_uint32_shards(tmp_path):
+    folder = tmp_path / "tokens"
+    (folder / "train").mkdir(parents=True)
+    parts = [np.array([70000, 2, 5], dtype="<u4"), np.array([99999, 2], dtype="<u4")]
+    shards = []
+    for i, arr in enumerate(parts):
+        arr.tofile(folder / "train" / f"part-{i:05d}.bin")
+        shards.append({"file": f"train/part-{i:05d}.bin", "tokens": arr.size, "bytes": 1, "documents": 1})
+    meta = {"dtype": token_dtype(100_000).name, "vocab_size": 100_000,
+            "splits": {"train": {"tokens": 5, "bytes": 2, "documents": 2, "shards": shards}}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    arr = load_tokens("train", folder)
+    assert arr.dtype == np.dtype("<u4") and arr[0:5].tolist() == [70000, 2, 5, 99999, 2]
+    (folder / "train" / "part-00001.bin").write_bytes(b"\0" * 4)
+    with pytest.raises(InputError, match=r"part-00001.bin: 4 bytes, but meta.json says 2 uint32"):
+        load_tokens("train", folder)
+
+
+def test_training_sample_is_seeded_bounded_and_whole_when_it_fits(tmp_path):
+    from lmpipe.tokenizer.training import sample_documents
+
+    rng = np.random.default_rng(0)
+    docs = [f"doc {i} " + "x" * int(rng.integers(1, 300)) + "\n" for i in range(400)]
+    write_corpus(tmp_path, {"train": docs}, shards=3)
+    folder = tmp_path / "train"
+    total = sum(len(d.encode()) for d in docs)
+    assert sample_documents(folder, None, 0) == docs == sample_documents(folder, total, 5)
+    sample = sample_documents(folder, total // 4, seed=1)
+    size = sum(len(d.encode()) for d in sample)
+    assert sample == sample_documents(folder, total // 4, seed=1)  # deterministic
+    assert sample != sample_documents(folder, total // 4, seed=2)  # the seed matters
+    assert total // 4 - 300 < size <= total // 4
+    assert sample == [d for d in docs if d in set(sample)]  # corpus order
+    # exactly the documents of smallest key that fit, whatever the batch size of the reader
+    keys = np.random.default_rng(1).random(len(docs))
+    taken, used = set(), 0
+    for i in np.argsort(keys):
+        if used + len(docs[i].encode()) > total // 4:
+            break
+        taken.add(docs[i])
+        used += len(docs[i].encode())
+    assert set(sample) == taken
+
+
 def test_missing_outputs_give_input_errors(project):
     with pytest.raises(InputError, match="dvc repro tokenizer"):
         Tokenizer.load()
@@ -292,11 +405,15 @@ def test_failed_build_publishes_nothing(project):
     write_corpus(project / "data" / "corpus", shakespeare_splits())
     corpus, tdir, kdir = (project / "data" / x for x in ("corpus", "tokenizer", "tokens"))
     build(vocab_size=336, num_threads=1)
-    before = {p.name: p.read_bytes() for d in (tdir, kdir) for p in d.iterdir()}
+    def files():
+        return {p.relative_to(project).as_posix(): p.read_bytes()
+                for d in (tdir, kdir) for p in sorted(d.rglob("*")) if p.is_file()}
+
+    before = files()
     write_corpus(corpus, {"test": [None, "x"]})  # type: ignore[list-item]
-    with pytest.raises(InputError, match=r"test.parquet: row 0"):
+    with pytest.raises(InputError, match=r"test/part-00000.parquet: row 0"):
         build(vocab_size=352, num_threads=1)
-    assert {p.name: p.read_bytes() for d in (tdir, kdir) for p in d.iterdir()} == before
+    assert files() == before
     assert sorted(p.name for p in (project / "data").iterdir()) == ["corpus", "tokenizer", "tokens"]
 
 
@@ -325,7 +442,8 @@ def test_stage_end_to_end(project):
     assert all(metrics[f"{s}_tokens"] == meta["splits"][s]["tokens"] for s in splits)
     assert 1.0 < metrics["val_bytes_per_token"] < 4.0
     for p in ["data/tokenizer/tokenizer.model", "data/tokenizer/tokenizer.vocab",
-              "data/tokens/train.bin", "data/tokens/val.bin", "data/tokens/test.bin"]:
+              "data/tokens/train/part-00000.bin", "data/tokens/val/part-00000.bin",
+              "data/tokens/test/part-00000.bin"]:
         assert (project / p).is_file(), p
 
     from mlflow.tracking import MlflowClient
@@ -343,10 +461,10 @@ def test_stage_end_to_end(project):
 
     # Same input and params: byte-identical outputs.
     model = (project / "data" / "tokenizer" / "tokenizer.model").read_bytes()
-    train_bin = (project / "data" / "tokens" / "train.bin").read_bytes()
+    train_bin = (project / "data" / "tokens" / "train" / "part-00000.bin").read_bytes()
     assert _run_stage(project, LMPIPE_TRACKING="off").returncode == 0
     assert (project / "data" / "tokenizer" / "tokenizer.model").read_bytes() == model
-    assert (project / "data" / "tokens" / "train.bin").read_bytes() == train_bin
+    assert (project / "data" / "tokens" / "train" / "part-00000.bin").read_bytes() == train_bin
 
 
 def test_stage_bad_vocab_exits_2_naming_the_key(project):
@@ -368,4 +486,4 @@ def test_stage_without_corpus_exits_2(project):
     _write_params(project, vocab_size=320)
     proc = _run_stage(project, LMPIPE_TRACKING="off")
     assert proc.returncode == 2
-    assert "train.parquet" in proc.stderr and "download" in proc.stderr
+    assert "corpus/train" in proc.stderr and "download" in proc.stderr

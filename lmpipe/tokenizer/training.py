@@ -7,17 +7,19 @@ lmpipe/tokenizer/model.py's docstring explains each); what a user tunes is in
 
 from __future__ import annotations
 
+import heapq
 import io
 import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from lmpipe.core.errors import InputError
-from lmpipe.data.corpus import iter_texts
+from lmpipe.data.corpus import iter_text_batches, iter_texts
 from lmpipe.tokenizer.model import (
     FIXED_TRAINER_OPTIONS,
     N_RESERVED,
@@ -38,6 +40,34 @@ def _read_documents(source: str | os.PathLike) -> Iterator[str]:
             yield path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise InputError(f"{path}: not UTF-8 (byte offset {err.start})") from None
+
+
+def sample_documents(corpus: str | os.PathLike, sample_bytes: int | None, seed: int) -> list[str]:
+    """A seeded sample of a corpus split's documents, about `sample_bytes` of text, in order.
+
+    Every document gets a random key from a generator seeded with `seed`; the sample is the
+    documents of smallest key, as many as fit in `sample_bytes` (the longest prefix of the
+    key order that fits), returned in corpus order. One pass, and memory holds only the
+    sample: a 100 GB split costs no more than a 100 MB one. Deterministic; the whole split,
+    in order, when it fits (or `sample_bytes` is None), so a small corpus trains exactly as
+    it did before sampling existed. Sampling whole documents keeps their lines together.
+    """
+    rng = np.random.default_rng(seed)
+    heap: list[tuple[float, int, str, int]] = []  # (-key, index, document, bytes)
+    total, blocked, index = 0, float("inf"), 0
+    for batch in iter_text_batches(corpus):
+        keys = rng.random(len(batch)).tolist()
+        for key, doc in zip(keys, batch):
+            index += 1
+            if key >= blocked:  # a document of smaller key did not fit: this one is out
+                continue
+            size = len(doc.encode("utf-8"))
+            heapq.heappush(heap, (-key, index, doc, size))
+            total += size
+            while sample_bytes is not None and total > sample_bytes:
+                neg_key, _, _, dropped = heapq.heappop(heap)
+                blocked, total = -neg_key, total - dropped
+    return [doc for _, _, doc, _ in sorted(heap, key=lambda e: e[1])]
 
 
 def _training_lines(docs: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -37,6 +37,7 @@ import torch
 from lmpipe.core.errors import InputError
 from lmpipe.core.files import atomic_dir, write_json_atomic
 from lmpipe.core.names import TOKENS_META_FILE, WEIGHTS_FILE
+from lmpipe.data.tokens import split_files
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 WEIGHTS = WEIGHTS_FILE
@@ -89,17 +90,19 @@ OPERATIONAL_KEYS = frozenset({"progress", "log_every", "eval_every", "eval_batch
 
 
 def data_digest(tokens_dir: Path, split: str = "train") -> dict[str, Any]:
-    """A cheap identity of the training data: meta.json's hash, the file's size and the
-    hash of its first and last MiB (hashing a large corpus in full would cost minutes)."""
+    """A cheap identity of the training data: meta.json's hash (it lists every shard's
+    size), the split's size and the hash of its first and last MiB (hashing a large corpus
+    in full would cost minutes)."""
     h = hashlib.sha256()
-    meta = tokens_dir / TOKENS_META_FILE
-    data = tokens_dir / f"{split}.bin"
-    h.update(meta.read_bytes())
-    size = data.stat().st_size
-    with open(data, "rb") as f:
+    h.update((tokens_dir / TOKENS_META_FILE).read_bytes())
+    files = [path for path, _ in split_files(split, tokens_dir)]
+    size = sum(f.stat().st_size for f in files)
+    with open(files[0], "rb") as f:
         h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
+    last = files[-1].stat().st_size
+    if size > 2 << 20 and last:
+        with open(files[-1], "rb") as f:
+            f.seek(max(0, last - (1 << 20)))
             h.update(f.read(1 << 20))
     return {"split": split, "bytes": size, "sha256": h.hexdigest()}
 

@@ -1,37 +1,56 @@
 """Stage `ngram`: the count-based baseline (interpolated modified Kneser-Ney, or add-k).
 
-Reads  data/tokens/{train,val,test}.bin + meta.json (the tokenizer stage's id streams, so the
+Reads  data/tokens/{train,val,test}/ + meta.json (the tokenizer stage's id streams, so the
        model is scored on exactly the tokens the neural models see), data/tokenizer (for the
        sample text) and params `ngram`, `seed`.
 Writes data/models/ngram/model.npz (compact binary model), data/models/ngram/model.arpa.gz
        (ARPA for KenLM/SRILM; Kneser-Ney only), metrics/ngram.json; logs params, metrics,
        both files and a sample to MLflow. Run it with `dvc repro ngram` (or
        `python -m stages.ngram`).
+
+Within `ngram.memory_gb` the model is estimated in memory (lmpipe/ngram/estimate.py); when
+that could need more, counts spill to disk as sorted runs (lmpipe/ngram/external.py) and the
+model's levels come back memory-mapped: the probabilities are the same, only memory differs.
+Scoring reads the model memory-mapped either way (only the pages its lookups touch).
 """
 
 from __future__ import annotations
 
-import resource
 import time
 
+from lmpipe.core.console import current_rss_mb, note, peak_rss_mb
 from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import stage_logger
 from lmpipe.core.names import ARPA_FILE, NGRAM_FILE, TOKENIZER_FILE
-from lmpipe.core.params import Params
-from lmpipe.core.paths import model_dir, tokenizer_dir
+from lmpipe.core.params import NgramParams, Params
+from lmpipe.core.paths import model_dir, scratch_dir, tokenizer_dir
 from lmpipe.core.records import write_metrics
 from lmpipe.core.stage import main_for
 from lmpipe.data.tokens import load_tokens, tokens_meta
 from lmpipe.evaluation.metrics import bits_per_byte, perplexity
 from lmpipe.ngram.estimate import estimate
+from lmpipe.ngram.external import estimate_on_disk, in_memory_fits
+from lmpipe.ngram.model import NgramModel
 from lmpipe.ngram.sampling import generate_text
 from lmpipe.ngram.store import save_ngram
 
 NAME = "ngram"
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+def _estimate(p: NgramParams, train, meta: dict) -> tuple[NgramModel, bool]:
+    """The model, and whether it was counted on disk: in memory when that surely fits in
+    `ngram.memory_gb` (less what the stage already holds), else on disk."""
+    vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+    budget = int(p.memory_gb * 2**30 - current_rss_mb() * 2**20)
+    common = dict(order=p.order, method=p.method, k=p.k, unk_id=meta.get("unk_id"),
+                  bos_id=meta.get("bos_id"))
+    if in_memory_fits(len(train), vocab, p.order, budget):
+        return estimate(train, vocab, eos, chunk_tokens=p.chunk_tokens, threads=p.threads,
+                        **common), False
+    note(f"ngram: order {p.order} on {len(train):,} tokens may not fit in "
+         f"ngram.memory_gb={p.memory_gb:g}: counting on disk (sorted runs)")
+    return estimate_on_disk(train, vocab, eos, memory_bytes=max(budget, 16 << 20),
+                            work_dir=scratch_dir(), threads=p.threads, **common), True
 
 
 def run(params: Params) -> None:
@@ -46,14 +65,10 @@ def run(params: Params) -> None:
     with stage_logger(NAME, params.tracking.experiment) as log:
         log.log_params({NAME: p.model_dump(mode="json"), "seed": params.seed})
         train = load_tokens("train")
-        t0 = time.perf_counter()
-        model = estimate(
-            train, vocab, eos,
-            order=p.order, method=p.method, k=p.k,
-            unk_id=meta.get("unk_id"), bos_id=meta.get("bos_id"),
-            chunk_tokens=p.chunk_tokens, threads=p.threads,
-        )
-        train_seconds = time.perf_counter() - t0
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        model, on_disk = _estimate(p, train, meta)
+        train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+        estimate_peak_mb = peak_rss_mb()
 
         arpa_seconds = save_ngram(model, out_dir, arpa=p.arpa)
 
@@ -75,11 +90,14 @@ def run(params: Params) -> None:
             {
                 "train_tokens": n_train,
                 "train_seconds": train_seconds,
+                "train_cpu_seconds": train_cpu_seconds,  # all threads: a load-independent rate
                 "tokens_per_second": n_train / train_seconds if train_seconds > 0 else 0.0,
                 "score_tokens_per_second": score_tokens / score_seconds if score_seconds > 0 else 0.0,
                 "arpa_seconds": arpa_seconds,
                 "model_bytes": (out_dir / NGRAM_FILE).stat().st_size,
-                "peak_rss_mb": _peak_rss_mb(),
+                "estimated_on_disk": int(on_disk),
+                "estimate_peak_rss_mb": estimate_peak_mb,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
         if (out_dir / ARPA_FILE).exists():

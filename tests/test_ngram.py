@@ -18,7 +18,7 @@ from lmpipe.core.errors import InputError
 from lmpipe.ngram import hashtable as nh
 from lmpipe.ngram.arpa import read_arpa, write_arpa
 from lmpipe.ngram.estimate import estimate
-from lmpipe.ngram.model import NgramModel
+from lmpipe.ngram.model import NgramModel, word_bits
 from lmpipe.ngram.sampling import generate_ids, sample_next
 
 REPO = Path(__file__).resolve().parent.parent
@@ -423,6 +423,101 @@ def test_kenlm_reads_our_arpa_and_agrees(tmp_path, order):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- on disk
+def ngram_table(model: NgramModel) -> dict[tuple, tuple[float, float]]:
+    """Every stored n-gram as its words -> (log10 p, back-off weight), whatever the storage
+    (hash slots or sorted ranks): what two models must agree on to be the same model."""
+    V = model.vocab_size
+    words = {i: (i,) for i in range(V + 1)}
+    lv = model.levels[0]
+    table = {(i,): (float(lv.logp[i]), float(lv.bo[i]) if lv.bo is not None else 0.0)
+             for i in range(V)}
+    for n in range(2, model.order + 1):
+        lv = model.levels[n - 1]
+        occ = lv.occupied()
+        pre, last = (np.asarray(lv.keys[occ]).view(np.int64) >> word_bits(V),
+                     np.asarray(lv.keys[occ]).view(np.int64) & ((1 << word_bits(V)) - 1))
+        here = {}
+        for slot, p_, w in zip(occ.tolist(), pre.tolist(), last.tolist()):
+            ws = words[p_] + (w,)
+            here[slot] = ws
+            table[ws] = (float(lv.logp[slot]), float(lv.bo[slot]) if lv.bo is not None else 0.0)
+        words = here
+    return table
+
+
+def _sharded(tmp_path: Path, x: np.ndarray, parts: int):
+    """The stream as memory-mapped shard files, read as one (lmpipe/data/tokens.py)."""
+    from lmpipe.data.tokens import ShardedTokens
+
+    maps = []
+    for i, part in enumerate(np.array_split(x.astype(np.uint16), parts)):
+        part.tofile(tmp_path / f"part-{i}.bin")
+        maps.append(np.memmap(tmp_path / f"part-{i}.bin", dtype=np.uint16, mode="r"))
+    return ShardedTokens(maps)
+
+
+@pytest.mark.parametrize("method", ["kneser_ney", "add_k"])
+@pytest.mark.parametrize("order,threads", [(1, 1), (2, 2), (3, 1), (5, 2)])
+def test_counting_on_disk_gives_the_in_memory_model(tmp_path, method, order, threads):
+    """A 200 kB budget: chunks of 2k positions, ~20 runs per order, each merged in blocks of
+    a few hundred entries (in two key ranges with threads=2). Same n-grams, same discounts,
+    the same log10 p and back-off weights to 1e-6, the same scores of unseen text."""
+    from lmpipe.ngram.external import estimate_on_disk
+
+    V, eos = 60, 1
+    x = _corpus(n=40_000, V=V, eos=eos, seed=order)
+    mem = estimate(x, V, eos, order=order, method=method, k=0.05)
+    disk = estimate_on_disk(_sharded(tmp_path, x, 3), V, eos, order=order, method=method, k=0.05,
+                            memory_bytes=200_000, work_dir=tmp_path / "spill", threads=threads)
+    assert disk.meta["ngrams_per_order"] == mem.meta["ngrams_per_order"]
+    assert all(lv.sorted for lv in disk.levels[1:])
+    if method == "kneser_ney":
+        np.testing.assert_allclose(disk.meta["discounts"], mem.meta["discounts"], rtol=1e-12)
+        assert disk.meta["discount_fallback"] == mem.meta["discount_fallback"]
+    a, b = ngram_table(mem), ngram_table(disk)
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=0, atol=1e-6)
+    held_out = _corpus(n=5000, V=V, eos=eos, seed=99)
+    held_out[::37] = V - 1  # a word never seen in training
+    np.testing.assert_allclose(disk.log10probs(held_out), mem.log10probs(held_out), atol=1e-6)
+    assert not any((tmp_path / "spill").iterdir())  # the spill folder is cleaned up
+
+
+def test_a_model_with_sorted_levels_saves_and_loads_memory_mapped(tmp_path):
+    from lmpipe.ngram.external import estimate_on_disk
+
+    x = _corpus(n=20_000, V=40, eos=1)
+    disk = estimate_on_disk(x, 40, 1, order=4, memory_bytes=100_000, work_dir=tmp_path)
+    path = disk.save(tmp_path / "m")
+    info = json.loads(bytes(np.load(path)["info"]).decode())
+    assert info["version"] == 2 and info["sorted_levels"] == [2, 3, 4]  # older code refuses it
+    loaded = NgramModel.load(path, mmap=True)
+    assert all(isinstance(lv.keys, np.memmap) and lv.sorted for lv in loaded.levels[1:])
+    assert isinstance(loaded.levels[1].logp, np.memmap)
+    np.testing.assert_array_equal(loaded.log10probs(x[:3000]), disk.log10probs(x[:3000]))
+    # a hash-table model keeps format 1, and loads memory-mapped as well
+    mem = estimate(x, 40, 1, order=4)
+    mpath = mem.save(tmp_path / "h")
+    assert json.loads(bytes(np.load(mpath)["info"]).decode())["version"] == 1
+    np.testing.assert_array_equal(NgramModel.load(mpath, mmap=True).log10probs(x[:3000]),
+                                  mem.log10probs(x[:3000]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sorted_lookup_and_sort_order(seed):
+    rng = np.random.default_rng(seed)
+    keys = np.unique(rng.integers(0, 2**40, 5000)).astype(np.uint64)
+    queries = np.concatenate([keys[rng.integers(0, keys.size, 3000)],
+                              rng.integers(0, 2**40, 3000).astype(np.uint64)])
+    expected = np.array([np.searchsorted(keys, q) if q in set(keys.tolist()) else -1 for q in queries])
+    assert nh.sorted_lookup(keys, queries).tolist() == expected.tolist()
+    values = rng.integers(0, 50, 4000)
+    assert nh.sort_order(values).tolist() == np.argsort(values, kind="stable").tolist()
+    wide = rng.integers(0, 2**62, 100)  # too wide to pack with its index: argsort's path
+    assert nh.sort_order(wide).tolist() == np.argsort(wide, kind="stable").tolist()
+
+
 # ----------------------------------------------------------------------------- on real text
 def test_kneser_ney_beats_add_k_on_the_smoke_profile_data(mirror):
     """The smoke profile's data: the first ~200 kB of TinyShakespeare, split 90/5/5 at line
@@ -568,6 +663,32 @@ def test_stage_add_k_writes_no_arpa(project, mirror, monkeypatch):
     out = project / "data" / "models" / "ngram"
     assert (out / "model.npz").exists() and not (out / "model.arpa.gz").exists()
     assert NgramModel.load(out).method == "add_k"
+
+
+def test_stage_counts_on_disk_under_a_tiny_memory_budget(project, mirror, monkeypatch):
+    """ngram.memory_gb below what the in-memory estimator could need: the stage counts on
+    disk, says so in its metrics, and publishes the same model (scores, ARPA) as in memory."""
+    monkeypatch.setenv("LMPIPE_TRACKING", "off")
+    _toy_tokenizer_project(project, (mirror / "tinyshakespeare.txt").read_text()[:120_000])
+    runs = {}
+    for name, memory_gb in (("memory", 4.0), ("disk", 0.001)):
+        _write_params(project, order=4, memory_gb=memory_gb, sample_tokens=0)
+        proc = _run_stage(project)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((project / "metrics" / "ngram.json").read_text())
+        out = project / "data" / "models" / "ngram"
+        runs[name] = (metrics, read_arpa(out / "model.arpa.gz"), NgramModel.load(out, mmap=True))
+        assert metrics["estimated_on_disk"] == (name == "disk")
+        assert ("counting on disk" in proc.stderr) == (name == "disk")
+    (mem, mem_arpa, mem_model), (disk, disk_arpa, disk_model) = runs["memory"], runs["disk"]
+    assert all(lv.sorted for lv in disk_model.levels[1:]) and not mem_model.levels[1].sorted
+    for key in ("val_ppl", "val_bpb", "test_ppl", "test_bpb", "ngrams_order_4"):
+        assert disk[key] == pytest.approx(mem[key], rel=1e-9), key
+    from lmpipe.data.tokens import load_tokens
+
+    val = np.asarray(load_tokens("val", project))
+    np.testing.assert_allclose(disk_arpa.logprobs(val), mem_arpa.logprobs(val), atol=1e-6)
+    assert not any((project / ".lmpipe").glob("ngram-spill-*"))
 
 
 def test_stage_rejects_bad_params_with_exit_2(project):

@@ -24,20 +24,30 @@ def note(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (0 where /proc is unavailable)."""
+    return _status_mb("VmRSS") or 0.0
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB.
 
     VmHWM of /proc/self/status, not getrusage's ru_maxrss: Linux carries ru_maxrss over an
     exec, so a stage started by a large parent (dvc, pytest) would report the parent's size.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class Progress:

@@ -38,7 +38,11 @@ from lmpipe.ngram.model import (
 
 def _discounts(adjusted: np.ndarray) -> tuple[tuple[float, float, float], bool]:
     """Chen & Goodman's D1, D2, D3+ from count-of-counts; (fallback, True) when undefined."""
-    t = [int(np.count_nonzero(adjusted == k)) for k in (1, 2, 3, 4)]
+    return discounts_from([int(np.count_nonzero(adjusted == k)) for k in (1, 2, 3, 4)])
+
+
+def discounts_from(t: list[int]) -> tuple[tuple[float, float, float], bool]:
+    """The discounts from t = (number of n-grams of adjusted count 1, 2, 3, 4)."""
     if min(t) > 0:
         y = t[0] / (t[0] + 2 * t[1])
         ds = (1 - 2 * y * t[1] / t[0], 2 - 3 * y * t[2] / t[1], 3 - 4 * y * t[3] / t[2])
@@ -54,7 +58,7 @@ def _move(arr: np.ndarray, remap: np.ndarray, size: int, fill) -> np.ndarray:
     return out
 
 
-def _log10(p: np.ndarray) -> np.ndarray:
+def log10_clipped(p: np.ndarray) -> np.ndarray:
     """float32 log10, clipped at 0 (a rounding error must not give a positive log)."""
     with np.errstate(divide="ignore"):
         out = np.log(p)
@@ -343,7 +347,7 @@ class _KneserNey:
             else:
                 p1 = np.full(V, 1.0 / V)
             self.prob_prev = np.append(p1, 0.0)
-            logp1 = _log10(self.prob_prev)
+            logp1 = log10_clipped(self.prob_prev)
             logp1[V] = NO_PROB
             self.levels.append(Level(None, logp1, None if last else np.zeros(V + 1, np.float32)))
             return
@@ -367,10 +371,10 @@ class _KneserNey:
         p += af
         del g, dof, af
         self.prob_prev = None
-        self.levels[n - 2].bo = np.where(is_ctx, _log10(np.where(is_ctx, ctx.imag, 1.0)), np.float32(0))
+        self.levels[n - 2].bo = np.where(is_ctx, log10_clipped(np.where(is_ctx, ctx.imag, 1.0)), np.float32(0))
         del ctx, is_ctx
         logp = np.zeros(size, dtype=np.float32)
-        logp[occ] = _log10(p)
+        logp[occ] = log10_clipped(p)
         if not last:
             self.prob_prev = np.zeros(size)
             self.prob_prev[occ] = p
@@ -379,15 +383,19 @@ class _KneserNey:
         self.levels.append(Level(lv.table, logp, None if last else np.zeros(size, np.float32)))
 
     def finish(self) -> tuple[list[Level], dict]:
-        if any(self.fallback):
-            orders = [str(i + 1) for i, fb in enumerate(self.fallback) if fb]
-            warnings.warn(
-                f"Kneser-Ney: count-of-counts too small to estimate discounts for order(s) "
-                f"{', '.join(orders)}; using the fallback {FALLBACK_DISCOUNTS}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        warn_fallback(self.fallback)
         return self.levels, {"discounts": self.discounts, "discount_fallback": self.fallback}
+
+
+def warn_fallback(fallback: list[bool]) -> None:
+    if any(fallback):
+        orders = [str(i + 1) for i, fb in enumerate(fallback) if fb]
+        warnings.warn(
+            f"Kneser-Ney: count-of-counts too small to estimate discounts for order(s) "
+            f"{', '.join(orders)}; using the fallback {FALLBACK_DISCOUNTS}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 class _AddK:
@@ -401,16 +409,16 @@ class _AddK:
         V, k, last = self.V, self.k, n == self.order
         if n == 1:
             c1 = raw[:V].astype(np.float64)
-            logp1 = np.append(_log10((c1 + k) / (c1.sum() + k * V)), np.float32(NO_PROB))
+            logp1 = np.append(log10_clipped((c1 + k) / (c1.sum() + k * V)), np.float32(NO_PROB))
             self.levels.append(Level(None, logp1.astype(np.float32), None if last else np.zeros(V + 1, np.float32)))
             return
         occ, pre = _occupied(table, self.bits)
         c = raw[occ].astype(np.float64)
         ctx_total = np.bincount(pre, weights=c, minlength=self.levels[-1].size)
         is_ctx = np.flatnonzero(ctx_total)
-        self.levels[n - 2].bo[is_ctx] = _log10(k / (ctx_total[is_ctx] + k * V))
+        self.levels[n - 2].bo[is_ctx] = log10_clipped(k / (ctx_total[is_ctx] + k * V))
         logp = np.zeros(table.shape[0], dtype=np.float32)
-        logp[occ] = _log10((c + k) / (ctx_total[pre] + k * V))
+        logp[occ] = log10_clipped((c + k) / (ctx_total[pre] + k * V))
         self.levels.append(Level(table, logp, None if last else np.zeros(table.shape[0], np.float32)))
 
     def finish(self) -> tuple[list[Level], dict]:

@@ -1,4 +1,5 @@
-"""Vectorised open-addressing hash tables of uint64 keys (numpy only, no loop per key).
+"""Vectorised tables of uint64 keys (numpy only, no loop per key): open-addressing hash
+tables, and sorted arrays (the n-gram model's levels when they were estimated on disk).
 
 The n-gram model stores each order as one table: an n-gram's id *is* its slot, so the key
 of an (n+1)-gram is `slot of its n-gram prefix * (V + 1) + last word`, exact and collision
@@ -172,3 +173,39 @@ def estimate_distinct(keys: np.ndarray, hashes: np.ndarray | None = None, sample
     t = np.uint64(int(frac * 2.0**64))
     below = np.unique(h[h < t]).shape[0]
     return int(math.ceil(below / frac))
+
+
+# ----------------------------------------------------------------------------- sorted keys
+def sort_order(values: np.ndarray) -> np.ndarray:
+    """np.argsort(values) (stable) for non-negative integers, several times faster when the
+    value and its index fit in 64 bits together: (value << index bits | index) is sorted by
+    np.sort, which is vectorised (AVX-512 here), where argsort is not."""
+    n = values.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    index_bits = max(1, (n - 1).bit_length())
+    value_bits = int(values.max()).bit_length()
+    if value_bits + index_bits > 63:
+        return np.argsort(values, kind="stable")
+    packed = values.astype(np.int64) << index_bits
+    packed |= np.arange(n, dtype=np.int64)
+    packed.sort()
+    packed &= (1 << index_bits) - 1
+    return packed
+
+
+def sorted_lookup(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Position of each query in the sorted array `keys`, or -1 where it is absent.
+
+    The queries are searched in sorted order: one binary search per query in a large array
+    is a cache miss per step, while successive sorted queries walk the array once.
+    """
+    out = np.full(queries.shape[0], -1, dtype=np.int64)
+    if queries.shape[0] == 0 or keys.shape[0] == 0:
+        return out
+    order = sort_order(queries.view(np.int64))
+    q = queries[order]
+    pos = np.minimum(np.searchsorted(keys, q), keys.shape[0] - 1)
+    hit = np.asarray(keys[pos]) == q
+    out[order[hit]] = pos[hit]
+    return out

@@ -50,14 +50,17 @@ from lmpipe.core.errors import InputError
 from lmpipe.core.files import atomic_path
 from lmpipe.core.names import NGRAM_FILE
 from lmpipe.ngram import hashtable as nh
+from lmpipe.ngram.npz import prefetch, read_npz, write_npz
 
 METHODS = ("kneser_ney", "add_k")
 FORMAT = "lmpipe-ngram"
 FORMAT_VERSION = 1
+SORTED_VERSION = 2  # a model with sorted levels: older code must refuse it, not misread it
 LN10 = math.log(10.0)
 NO_PROB = -99.0  # log10 "probability" of <s> (never predicted), the ARPA convention
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # KenLM's --discount_fallback values
 DEFAULT_CHUNK_TOKENS = 1 << 23
+PREFETCH_TOKENS = 1 << 20  # scoring this many tokens reads a memory-mapped model ahead
 MAX_ORDER = 10
 
 
@@ -65,7 +68,10 @@ MAX_ORDER = 10
 class Level:
     """One order of the model.
 
-    keys: uint64 hash table (None for order 1, which is dense: slot = symbol, V = <s>).
+    keys: uint64 hash table (None for order 1, which is dense: slot = symbol, V = <s>), or
+          with `sorted`, the keys in increasing order (no empty slots: an n-gram's id is its
+          rank; lmpipe/ngram/external.py builds these). Either way an id is what the next
+          order's keys pack as their prefix.
     logp: float32 log10 p(w | context) of the n-gram in each slot.
     bo:   float32 per slot, used when the n-gram is a context of the next order: log10
           back-off weight (Kneser-Ney/ARPA) or log10 probability of an unseen word (add-k);
@@ -75,15 +81,22 @@ class Level:
     keys: np.ndarray | None
     logp: np.ndarray
     bo: np.ndarray | None
+    sorted: bool = False
 
     @property
     def size(self) -> int:
         return self.logp.shape[0]
 
     def occupied(self) -> np.ndarray:
-        if self.keys is None:
+        if self.keys is None or self.sorted:
             return np.arange(self.logp.shape[0])
         return nh.occupied(self.keys)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The id of each packed n-gram key at this level, or -1 where it is absent."""
+        if self.sorted:
+            return nh.sorted_lookup(self.keys, keys)
+        return nh.lookup(self.keys, keys)
 
 
 # --------------------------------------------------------------------------- the stream
@@ -140,10 +153,14 @@ def chunk_bounds(n_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 
 def as_stream(ids) -> np.ndarray:
-    arr = ids if isinstance(ids, np.ndarray) else np.asarray(ids, dtype=np.int64)
-    if arr.ndim != 1:
+    """A 1-D integer token stream: an array or memmap as it is, a sharded view of several
+    memory-mapped files (lmpipe/data/tokens.py's ShardedTokens) as it is (only the slices
+    read are copied), anything else converted."""
+    sliceable = hasattr(ids, "shape") and hasattr(ids, "dtype") and hasattr(ids, "__getitem__")
+    arr = ids if isinstance(ids, np.ndarray) or sliceable else np.asarray(ids, dtype=np.int64)
+    if len(arr.shape) != 1:
         raise InputError(f"a token stream must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.shape[0] and not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"token ids must be integers, got {arr.dtype}")
     return arr
 
@@ -169,17 +186,8 @@ def next_ids(level: Level, prev: np.ndarray, words: np.ndarray, vocab: int) -> n
     out = np.full(prev.shape[0], -1, dtype=np.int64)
     ok = np.flatnonzero(prev >= 0)
     if ok.size and level.keys is not None:
-        out[ok] = nh.lookup(level.keys, pack(prev[ok], words[ok], word_bits(vocab)))
+        out[ok] = level.lookup(pack(prev[ok], words[ok], word_bits(vocab)))
     return out
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez without timestamps: the same model gives a byte-identical file (DVC)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, arr in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 # --------------------------------------------------------------------------- the model
@@ -243,9 +251,10 @@ class NgramModel:
         """
         path = Path(path)
         target = path if path.suffix == ".npz" else path / NGRAM_FILE
+        sorted_levels = [n for n, lv in enumerate(self.levels, start=1) if lv.sorted]
         info = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if not sorted_levels else SORTED_VERSION,
             "order": self.order,
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
@@ -253,6 +262,7 @@ class NgramModel:
             "bos_id": self.bos_id,
             "method": self.method,
             "meta": self.meta,
+            **({"sorted_levels": sorted_levels} if sorted_levels else {}),
         }
         arrays: dict[str, np.ndarray] = {
             "info": np.frombuffer(json.dumps(info, sort_keys=True).encode(), dtype=np.uint8)
@@ -264,35 +274,30 @@ class NgramModel:
             if lv.bo is not None:
                 arrays[f"bo_{n}"] = lv.bo
         with atomic_path(target) as tmp:
-            _write_npz(tmp, arrays)
+            write_npz(tmp, arrays)
         return target
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "NgramModel":
-        """Load a model saved by `save` (a folder holding model.npz, or the file itself).
-        lmpipe/ngram/store.py's `load_ngram` also reads a folder holding only an ARPA file."""
+    def load(cls, path: str | os.PathLike, mmap: bool = False) -> "NgramModel":
+        """Load a model saved by `save` (a folder holding model.npz, or the file itself);
+        `mmap`: memory-map the arrays instead of reading them (for models larger than
+        memory; only the pages a lookup touches are read). lmpipe/ngram/store.py's
+        `load_ngram` also reads a folder holding only an ARPA file."""
         path = Path(path)
         target = path / NGRAM_FILE if path.is_dir() else path
         if not target.exists():
             raise InputError(f"{target}: n-gram model not found (run `dvc repro ngram`)")
         try:
-            with np.load(target, allow_pickle=False) as z:
-                info = json.loads(bytes(z["info"]).decode())
-                if info.get("format") != FORMAT:
-                    raise InputError(f"{target}: not an lmpipe n-gram model")
-                if info.get("version", 0) > FORMAT_VERSION:
-                    raise InputError(f"{target}: model format {info['version']} is newer than this code")
-                order = int(info["order"])
-                levels = []
-                for n in range(1, order + 1):
-                    levels.append(
-                        Level(
-                            keys=z[f"keys_{n}"] if f"keys_{n}" in z else None,
-                            logp=z[f"logp_{n}"],
-                            bo=z[f"bo_{n}"] if f"bo_{n}" in z else None,
-                        )
-                    )
-        except (OSError, ValueError, KeyError) as err:
+            z = read_npz(target, mmap=mmap)
+            info = json.loads(bytes(np.asarray(z["info"])).decode())
+            if info.get("format") != FORMAT:
+                raise InputError(f"{target}: not an lmpipe n-gram model")
+            if info.get("version", 0) > SORTED_VERSION:
+                raise InputError(f"{target}: model format {info['version']} is newer than this code")
+            sorted_levels = set(info.get("sorted_levels", []))
+            levels = [Level(keys=z.get(f"keys_{n}"), logp=z[f"logp_{n}"], bo=z.get(f"bo_{n}"),
+                            sorted=n in sorted_levels) for n in range(1, int(info["order"]) + 1)]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise InputError(f"{target}: cannot read n-gram model ({err})") from None
         return cls(
             levels,
@@ -314,6 +319,11 @@ class NgramModel:
         x = as_stream(ids)
         n = x.shape[0]
         out = np.empty(n, dtype=np.float64)
+        if n >= PREFETCH_TOKENS:  # a long stream reads most of a memory-mapped model
+            for lv in self.levels:
+                for arr in (lv.keys, lv.logp, lv.bo):
+                    if arr is not None:
+                        prefetch(arr)
         if threads > 1 and n >= (1 << 20):
             chunk_tokens = min(chunk_tokens, -(-n // threads))
         bounds = [(a, b) for a, b in chunk_bounds(n, chunk_tokens) if b > a]
@@ -359,7 +369,7 @@ class NgramModel:
             if nxt.size == 0:
                 break
             ctx = ids
-            ids = nh.lookup(level.keys, pack(ctx, S[nxt], bits))
+            ids = level.lookup(pack(ctx, S[nxt], bits))
             found = ids >= 0
             lp = level.logp[np.where(found, ids, 0)]
             if self.backoff:

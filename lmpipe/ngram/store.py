@@ -21,13 +21,14 @@ def is_ngram_folder(folder: str | os.PathLike) -> bool:
 
 
 def load_ngram(folder: str | os.PathLike) -> NgramModel:
+    """The model of a folder, memory-mapped (model.npz), or read from its ARPA file."""
     folder = Path(folder)
     if folder.is_dir() and not (folder / NGRAM_FILE).exists() and (folder / ARPA_FILE).exists():
         return read_arpa(folder / ARPA_FILE)
     if folder.is_dir() and not (folder / NGRAM_FILE).exists():
         raise InputError(f"{folder}: no n-gram model here ({NGRAM_FILE} or {ARPA_FILE}); "
                          "run `dvc repro ngram`")
-    return NgramModel.load(folder)
+    return NgramModel.load(folder, mmap=True)
 
 
 def save_ngram(model: NgramModel, folder: str | os.PathLike, arpa: bool = True) -> float:

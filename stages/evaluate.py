@@ -136,7 +136,8 @@ def run(params: Params) -> None:
                     if p.rnn_context is None else
                     f"; the RNN reads windows of {p.rnn_context} tokens from a zero state.")
         if p.max_tokens is not None:
-            scoring += f" Only the first {p.max_tokens} tokens of the split are scored."
+            scoring += (f" Only {p.max_tokens} tokens of the split are scored: whole documents "
+                        "drawn by a fixed permutation, the same for every model.")
         data = ReportData(
             results=results,
             stage_metrics=stage_metrics,

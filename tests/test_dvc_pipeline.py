@@ -29,7 +29,8 @@ def test_repro_runs_caches_and_reruns_only_what_changed(repo):
     root, env = repo
     first = run(["dvc", "repro", "tokenizer"], root, env)
     assert ran_stages(first.stdout) == ["download", "tokenizer"], first.stdout
-    for path in ["data/corpus/train.parquet", "data/tokens/meta.json", "data/tokenizer/tokenizer.model"]:
+    for path in ["data/corpus/train/part-00000.parquet", "data/tokens/meta.json",
+                 "data/tokenizer/tokenizer.model"]:
         assert (root / path).exists(), path
     metrics = json.loads((root / "metrics" / "tokenizer.json").read_text())
     assert metrics["vocab_size"] == yaml.safe_load((root / "params.yaml").read_text())["tokenizer"]["vocab_size"]

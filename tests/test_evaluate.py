@@ -25,6 +25,7 @@ from lmpipe.evaluation.scoring import (
     Score,
     ids_and_bytes,
     load_for_scoring,
+    sample_documents,
     score_ids,
     score_text,
     token_byte_lengths,
@@ -53,9 +54,9 @@ def build_assets(root: Path, mirror: Path) -> Path:
     parts = {"train": docs[: n * 8 // 10], "val": docs[n * 8 // 10: n * 9 // 10],
              "test": docs[n * 9 // 10:]}
     corpus = root / "data" / "corpus"
-    corpus.mkdir(parents=True)
     for split, rows in parts.items():
-        pq.write_table(pa.table({"text": rows}), corpus / f"{split}.parquet")
+        (corpus / split).mkdir(parents=True)
+        pq.write_table(pa.table({"text": rows}), corpus / split / "part-00000.parquet")
     (corpus / "source.json").write_text(json.dumps(     # the download stage's layout
         {"source": "url", "urls": ["https://example.invalid/tinyshakespeare.txt"],
          "inputs": [{"name": "tinyshakespeare.txt", "sha256": "ab" * 32, "bytes": 24_000}],
@@ -285,6 +286,37 @@ def test_capped_split_counts_the_bytes_of_its_prefix(eval_project, tok):
     assert ids.size == 100
     text = tok.decode(list(map(int, ids)))
     assert n_bytes == len(text.encode("utf-8"))
+
+
+def test_capped_split_is_the_same_whole_documents_spread_over_it():
+    """A cap takes whole documents (the last one cut) from all over the split, the same ones
+    every time, read from one array or from shards alike."""
+    from lmpipe.data.tokens import ShardedTokens
+
+    rng = np.random.default_rng(0)
+    eos = 2
+    docs = [np.append(rng.integers(10, 90, int(rng.integers(5, 60))), eos) for _ in range(300)]
+    stream = np.concatenate(docs).astype(np.uint16)
+    picked = sample_documents(stream, 1000, eos)
+    assert picked.size == 1000
+    assert picked.tolist() == sample_documents(ShardedTokens(np.array_split(stream, 7)), 1000, eos).tolist()
+    # whole documents in split order: every piece between EOS is one of the documents
+    pieces = np.split(picked, np.flatnonzero(picked == eos) + 1)
+    index = {tuple(d.tolist()): i for i, d in enumerate(docs)}
+    found = [index[tuple(p.tolist())] for p in pieces[:-1]]
+    assert found == sorted(found) and len(found) >= 15
+    assert found[0] < 60 and found[-1] > 240  # spread over the split, not its head
+    assert tuple(pieces[-1].tolist()) == tuple(docs[index_after(found, docs, pieces[-1])][:pieces[-1].size].tolist())
+    # one document: its first tokens, as before
+    assert sample_documents(docs[0], 3, eos).tolist() == docs[0][:3].tolist()
+
+
+def index_after(found, docs, tail) -> int:
+    """The document the cut tail comes from: the first picked one after `found`, by prefix."""
+    for i in range(len(docs)):
+        if i not in found and docs[i][:tail.size].tolist() == tail.tolist():
+            return i
+    raise AssertionError("the cut document is not a prefix of any document")
 
 
 def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):

@@ -23,7 +23,7 @@ LOCK = {
                      {"sha256": "a" * 64, "filename": "x.txt"}]}},
                  "outs": [{"path": "data/corpus", "md5": "c.dir"}]},
     "tokenizer": {"cmd": "python -m stages.tokenizer",
-                  "deps": [{"path": "data/corpus/train.parquet", "md5": "t"}],
+                  "deps": [{"path": "data/corpus/train", "md5": "t.dir"}],
                   "outs": [{"path": "data/tokenizer", "md5": "k.dir"},
                            {"path": "data/tokens", "md5": "n.dir"}]},
     "pretrain": {"cmd": "python -m stages.pretrain",
@@ -38,7 +38,7 @@ LOCK = {
 def test_chain_from_lock():
     assert producer_of(LOCK, "data/models/transformer/model.safetensors") == (
         "pretrain", "data/models/transformer")
-    assert producer_of(LOCK, "data/corpus/train.parquet") == ("download", "data/corpus")
+    assert producer_of(LOCK, "data/corpus/train/part-00000.parquet") == ("download", "data/corpus")
     assert producer_of(LOCK, "lmpipe/train/trainer.py") is None
     assert chain_of(LOCK, ["pretrain"]) == ["download", "tokenizer", "pretrain"]
     assert chain_of(LOCK, ["pretrain", "ngram"]) == ["download", "tokenizer", "ngram", "pretrain"]

@@ -255,10 +255,21 @@ class TokenizerParams(Section):
         default=1024, ge=256, le=262144,
         description="BPE vocabulary; >= 256 because byte fallback needs the 256 byte pieces",
     )
-    num_threads: int = Field(default=2, ge=1, le=256)
+    num_threads: int = Field(
+        default=2, ge=1, le=256,
+        description="sentencepiece's training threads, and the processes that encode the "
+        "corpus shards in parallel")
     character_coverage: float = Field(default=1.0, gt=0, le=1)
     max_sentence_length: int = Field(default=16384, ge=64)
-    input_sentence_size: int = Field(default=0, ge=0, description="0 = use every line")
+    input_sentence_size: int = Field(
+        default=0, ge=0, description="sentencepiece's cap on training lines (the first ones); "
+        "0 = every line of the sample")
+    sample_bytes: int | None = Field(
+        default=100_000_000, ge=1000,
+        description="Train on a seeded sample of whole train documents of about this much text "
+        "(sentencepiece holds its input in memory: ~5x the sample at the peak); null or a "
+        "smaller train split = all of it, in order")
+    sample_seed: int = Field(default=0, ge=0, description="seed of that sample")
 
 
 # ----------------------------------------------------------------------------- ngram
@@ -278,6 +289,11 @@ class NgramParams(Section):
     chunk_tokens: int = Field(
         default=1 << 23, ge=1024,
         description="tokens counted per chunk: memory is O(distinct n-grams + chunk)")
+    memory_gb: float = Field(
+        default=4.0, gt=0, le=4096,
+        description="GiB the stage may hold (its peak RSS stays about within it): when the "
+        "in-memory estimator could need more, counts spill to disk as sorted runs merged per "
+        "order (KenLM lmplz's -S); the model is the same either way")
     threads: int = Field(
         default=1, ge=1, le=256,
         description="threads for estimation and scoring (2 did not pay on a loaded 2-core machine)")
@@ -445,7 +461,9 @@ class EvaluateParams(Section):
     rnn_chunk: int = Field(default=256, ge=1, description="Tokens per RNN forward when carrying state")
     batch_size: int = Field(default=8, ge=1, description="Windows per forward pass")
     max_tokens: int | None = Field(
-        default=None, ge=1, description="Score only the first N tokens of the split (smoke runs)"
+        default=None, ge=1,
+        description="Score only N tokens of the split: whole documents spread over it, drawn "
+        "by a fixed permutation (the same for every model and run); null = all",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -209,14 +209,43 @@ def pick_device(device: str = "auto", key: str = "evaluate.device") -> str:
     return device
 
 
+def document_ends(ids, eos_id: int, block: int = 1 << 24) -> np.ndarray:
+    """Index of every EOS of a token stream (array, memmap or sharded view), read in blocks;
+    a last document without EOS ends at the end of the stream."""
+    n = len(ids)
+    ends = [a + np.flatnonzero(np.asarray(ids[a:min(a + block, n)]) == eos_id)
+            for a in range(0, n, block)]
+    out = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
+    if n and (out.size == 0 or out[-1] != n - 1):
+        out = np.append(out, n - 1)
+    return out.astype(np.int64)
+
+
+def sample_documents(ids, max_tokens: int, eos_id: int) -> np.ndarray:
+    """About `max_tokens` tokens of whole documents spread over the split, in split order.
+
+    Documents are taken in the order of a permutation seeded with 0, until they hold
+    `max_tokens` tokens; the result is cut to exactly `max_tokens`. The seed is fixed, not a
+    param, so that every model and every run (whatever `seed` says) is scored on the same
+    tokens. A split of one document gives its first `max_tokens` tokens.
+    """
+    ends = document_ends(ids, eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    order = np.random.default_rng(0).permutation(lengths.size)
+    take = int(np.searchsorted(np.cumsum(lengths[order]), max_tokens)) + 1
+    picked = np.sort(order[:take])
+    return np.concatenate([np.asarray(ids[starts[d]:ends[d] + 1]) for d in picked])[:max_tokens]
+
+
 def ids_and_bytes(split: str, max_tokens: int | None, tok=None, tokens_root=None
                   ) -> tuple[np.ndarray, int]:
-    """A split's ids (the first `max_tokens` when capped) and the bytes of text they cover."""
+    """A split's ids (capped: `sample_documents`) and the bytes of text they cover."""
     meta = tokens_meta(tokens_root)
-    ids = np.asarray(load_tokens(split, tokens_root))
-    if max_tokens is None or max_tokens >= ids.size:
-        return ids, int(meta["splits"][split]["bytes"])
+    ids = load_tokens(split, tokens_root)
+    if max_tokens is None or max_tokens >= len(ids):
+        return np.asarray(ids), int(meta["splits"][split]["bytes"])
     if tok is None:
         raise ValueError("a capped split needs the tokenizer to count its bytes")
-    ids = ids[:max_tokens]
+    ids = sample_documents(ids, max_tokens, int(meta["eos_id"]))
     return ids, int(token_byte_lengths(tok)[ids.astype(np.int64)].sum())

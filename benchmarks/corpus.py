@@ -15,7 +15,8 @@ removed): each next word continues the current two-word context (probability
 contain at a steady rate, so the distinct n-gram counts keep growing with the corpus size
 the way real text does; `--compare` tokenises equal-sized prefixes of the real texts and of
 the sample with one BPE tokenizer and prints the distinct n-gram counts per order side by
-side (the weights were chosen so that the counts at 8 MB agree within 25%).
+side and plots them (compare.png; the weights were chosen so that the counts at 8 MB agree
+within 25%, and the sample's curves keep rising past the books' 9 MB).
 
 The chain is sampled without a loop per word: a state is a position in the books (the
 context is the two words ending there), and a continuation of context c is the word after a
@@ -216,8 +217,10 @@ def generate(out: Path, mb: float, seed: int) -> dict:
     limit = int(mb * 1e6)
     writer = Writer(out)
     rounds = 0
+    # streams per round: fewer for a small corpus (one round of 8192 would be ~150 MB)
+    streams = int(min(STREAMS, max(64, limit / (ROW_WORDS * 4))))
     while True:
-        rows = chain.sample(rng, STREAMS, ROW_WORDS)
+        rows = chain.sample(rng, streams, ROW_WORDS)
         rounds += 1
         more = writer.add(documents(chain, rows, rng), limit)
         done = writer.total_bytes / limit
@@ -235,8 +238,14 @@ def generate(out: Path, mb: float, seed: int) -> dict:
     return manifest
 
 
-def compare(out: Path, sizes_mb: list[float], vocab: int = 4096, order: int = 5) -> None:
-    """Distinct token n-grams per order: prefixes of the real texts vs. of the sample."""
+def compare(out: Path, sizes_mb: list[float], vocab: int = 4096, order: int = 5) -> Path:
+    """Distinct token n-grams per order on prefixes of the real texts and of the sample (the
+    books end at ~9 MB; the sample goes on). Prints a table; plots it to compare.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from lmpipe.ngram.estimate import estimate
     from lmpipe.tokenizer.training import train_tokenizer
 
@@ -245,10 +254,13 @@ def compare(out: Path, sizes_mb: list[float], vocab: int = 4096, order: int = 5)
     paras = [p for b in real for p in b.split("\n\n")]
     order_ = np.random.default_rng(0).permutation(len(paras))
     real_text = "\n\n".join(paras[i] for i in order_)
-    sample = "".join((out / "txt" / f).read_text(encoding="utf-8")
-                     for f in sorted(os.listdir(out / "txt"))[:2]).replace(SEPARATOR + "\n", "\n")
+    need = int(max(sizes_mb) * 1e6)
+    sample, files = "", sorted(os.listdir(out / "txt"))
+    while len(sample) < need and files:
+        sample += (out / "txt" / files.pop(0)).read_text(encoding="utf-8").replace(SEPARATOR + "\n", "\n")
     tok = train_tokenizer([real_text[:4_000_000]], vocab, num_threads=os.cpu_count() or 1)
     print(f"{'MB':>6} {'corpus':>8} " + " ".join(f"{'order ' + str(n):>11}" for n in range(1, order + 1)))
+    curves: dict[str, list[tuple[float, list[int]]]] = {"books": [], "sample": []}
     for mb in sizes_mb:
         for name, text in (("books", real_text), ("sample", sample)):
             part = text[: int(mb * 1e6)]
@@ -256,7 +268,23 @@ def compare(out: Path, sizes_mb: list[float], vocab: int = 4096, order: int = 5)
                 continue
             ids = tok.encode_documents(part.split("\n\n"))
             counts = estimate(ids, tok.vocab_size, tok.eos_id, order=order).meta["ngrams_per_order"]
+            curves[name].append((mb, counts))
             print(f"{mb:>6g} {name:>8} " + " ".join(f"{c:>11,}" for c in counts))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n in range(2, order + 1):
+        for name, style in (("books", "o-"), ("sample", "x--")):
+            pts = curves[name]
+            ax.plot([m for m, _ in pts], [c[n - 1] for _, c in pts], style, color=f"C{n}",
+                    label=f"order {n}, {name}")
+    ax.set(xscale="log", yscale="log", xlabel="MB of text", ylabel="distinct n-grams (BPE tokens)",
+           title="Distinct n-grams: the Gutenberg books vs. the sampled corpus")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png = out / "compare.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"corpus: plot -> {png}")
+    return png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = generate(args.out, args.mb, args.seed)
     print(f"corpus: {manifest['bytes']:,} bytes, {manifest['documents']:,} documents, "
           f"{len(manifest['files']) // 2} files in {manifest['seconds']} s -> {args.out}")
-    if args.compare:
-        compare(args.out, [s for s in (1, 2, 4, 8) if s <= args.mb])
+    if args.compare:  # the books stop at ~9 MB; the sample's curve goes on up to 64 MB
+        compare(args.out, [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= args.mb])
     return 0
 
 

@@ -145,7 +145,7 @@ def report(results: dict, args) -> None:
     ref_mbs = ref["bytes"] / 1e6 / ref["seconds"]
     n_train = gm["train_tokens"]
     rows = [
-        ("download", d["wall_s"], f"{text_mb / d['wall_s']:.1f} MB/s of text",
+        ("download", d["wall_s"], f"{text_mb / dm.get('corpus_seconds', d['wall_s']):.1f} MB/s of text",
          d["tree_peak_rss_mb"], f"{text_mb:,.0f} MB, {dm['documents']:,} documents", d["load"]),
         ("tokenizer", t["wall_s"],
          f"encode {enc_mbs:.1f} MB/s = {enc_mbs / ref_mbs:.0%} of sentencepiece's {ref_mbs:.1f} MB/s",

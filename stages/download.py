@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -59,6 +60,7 @@ def run(params: Params) -> None:
 
             # 2. The corpus, streamed: every raw file verified, documents written into shards
             #    as they are read, then cut into contiguous train/val/test at line boundaries.
+            t0 = time.perf_counter()
             corpus = open_corpus(dl, mirror, Path(tmp))
             with Progress("download: corpus", total=dl.max_bytes or _text_size(corpus)) as bar:
                 spooled = spool(corpus.documents(), c_tmp / ".spool", dl.shard_bytes,
@@ -68,6 +70,7 @@ def run(params: Params) -> None:
                 raise InputError(f"the corpus is empty: {names} hold(s) no text")
             stats = publish_splits(spooled, c_tmp, fractions)
             discard(c_tmp / ".spool")
+            corpus_seconds = time.perf_counter() - t0
 
             # 3. Describe both folders; they are swapped into place when this block ends.
             source = {"source": dl.source, **corpus.info, "inputs": corpus.inputs,
@@ -93,7 +96,7 @@ def run(params: Params) -> None:
         # 4. Metrics and tracking.
         metrics = {"source": dl.source, "sha256": corpus.sha256, "raw_bytes": corpus.bytes,
                    "documents": spooled.documents_read, "instruct_sha256": instruct.sha256,
-                   "peak_rss_mb": peak_rss_mb()}
+                   "corpus_seconds": round(corpus_seconds, 3), "peak_rss_mb": peak_rss_mb()}
         for s in SPLITS:
             metrics.update({f"{s}_bytes": stats[s].bytes, f"{s}_lines": stats[s].lines,
                             f"{s}_documents": stats[s].documents})
@@ -107,8 +110,10 @@ def run(params: Params) -> None:
 
 
 def _text_size(corpus) -> int | None:
-    """The raw bytes of the inputs: about the text to read (None for a Hub dataset)."""
-    return corpus.bytes or None
+    """About the bytes of text to read, for the progress bar's ETA: the inputs' size when
+    they are plain text files; unknown (None) for Parquet, archives or a Hub dataset."""
+    plain = all(i["name"].lower().endswith((".txt", ".jsonl")) for i in corpus.inputs)
+    return (corpus.bytes or None) if plain else None
 
 
 def _write_json(path: Path, obj: dict) -> None:

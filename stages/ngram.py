@@ -35,6 +35,7 @@ from lmpipe.ngram.sampling import generate_text
 from lmpipe.ngram.store import save_ngram
 
 NAME = "ngram"
+SPILLED_SCORE_CHUNK = 1 << 20  # tokens per scoring window beside a model counted on disk
 
 
 def _estimate(p: NgramParams, train, meta: dict) -> tuple[NgramModel, bool]:
@@ -74,12 +75,15 @@ def run(params: Params) -> None:
 
         metrics: dict[str, float | int] = {}
         score_seconds, score_tokens = 0.0, 0
+        # a model counted on disk is large and memory-mapped: its pages count as resident once
+        # read, so the scoring windows (and their temporaries) are kept small beside it
+        score_chunk = min(p.chunk_tokens, SPILLED_SCORE_CHUNK) if on_disk else p.chunk_tokens
         for split in ("val", "test"):
             ids = load_tokens(split)
             if ids.shape[0] == 0:
-                raise InputError(f"data/tokens/{split}.bin is empty: nothing to score")
+                raise InputError(f"data/tokens/{split}: empty, nothing to score")
             t0 = time.perf_counter()
-            nll, n = model.score(ids, chunk_tokens=p.chunk_tokens, threads=p.threads)
+            nll, n = model.score(ids, chunk_tokens=score_chunk, threads=p.threads)
             score_seconds += time.perf_counter() - t0
             score_tokens += n
             metrics[f"{split}_loss"] = nll / n

@@ -484,6 +484,23 @@ def test_counting_on_disk_gives_the_in_memory_model(tmp_path, method, order, thr
     assert not any((tmp_path / "spill").iterdir())  # the spill folder is cleaned up
 
 
+def test_spill_folders_of_killed_runs_are_removed(tmp_path):
+    """A run killed while counting leaves its spill folder (it can hold gigabytes): the next
+    run removes the folders of processes that are gone, and only those."""
+    from lmpipe.ngram.external import estimate_on_disk
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f"ngram-spill-{gone}-abc"
+    alive = tmp_path / f"ngram-spill-{os.getpid()}-def"
+    for folder in (stale, alive):
+        folder.mkdir()
+        (folder / "K2.bin").write_bytes(b"x" * 100)
+    estimate_on_disk(_corpus(n=3000, V=20, eos=1), 20, 1, order=2, memory_bytes=100_000,
+                     work_dir=tmp_path)
+    assert not stale.exists() and alive.exists()
+
+
 def test_a_model_with_sorted_levels_saves_and_loads_memory_mapped(tmp_path):
     from lmpipe.ngram.external import estimate_on_disk
 

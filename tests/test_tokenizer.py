@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def tok() -> Tokenizer:
     return train_tokenizer([_corpus_text()], 400, num_threads=2)
 
 
-def write_corpus(folder: Path, splits: dict[str, list[str]], shards: int = 1) -> None:
+def write_corpus(folder: Path, splits: dict[str, list[str]], shards: int = 1,
+                 row_group_size: int | None = None) -> None:
     """data/corpus/<split>/part-NNNNN.parquet, the documents cut into `shards` shards."""
     for name, docs in splits.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ def write_corpus(folder: Path, splits: dict[str, list[str]], shards: int = 1) ->
         for i in range(shards):
             part = docs[cuts[i]:cuts[i + 1]]
             pq.write_table(pa.table({"text": pa.array(part, pa.string())}),
-                           folder / name / f"part-{i:05d}.parquet")
+                           folder / name / f"part-{i:05d}.parquet", row_group_size=row_group_size)
 
 
 def shakespeare_splits() -> dict[str, list[str]]:
@@ -294,18 +296,23 @@ def test_load_tokens_checks_size_against_meta(project):
 # ----------------------------------------------------------------------------- shards
 def test_sharded_corpus_gives_one_token_shard_per_corpus_shard_with_any_workers(project, monkeypatch):
     """Three corpus shards per split -> three token shards and one meta.json; the files are
-    the same bytes encoded in this process (1 thread) or by 2 worker processes."""
+    the same bytes encoded in this process (1 thread, a shard at a time) or by 2 worker
+    processes (pieces of one row group, joined per shard)."""
     import lmpipe.tokenizer.encoding as encoding
     from lmpipe.data.batches import TokenBatches
     from lmpipe.data.tokens import ShardedTokens
 
     splits = shakespeare_splits()
-    write_corpus(project / "data" / "corpus", splits, shards=3)
+    write_corpus(project / "data" / "corpus", splits, shards=3, row_group_size=16)
     build(vocab_size=336, num_threads=1)
     tokens = project / "data" / "tokens"
     single = {p.relative_to(tokens).as_posix(): p.read_bytes() for p in sorted(tokens.rglob("*.bin"))}
     assert sorted(single) == [f"{s}/part-{i:05d}.bin" for s in ("test", "train", "val") for i in range(3)]
     monkeypatch.setattr(encoding, "POOL_MIN_BYTES", 0)  # the pool even for this small corpus
+    monkeypatch.setattr(encoding, "PIECE_BYTES", 1)     # and a piece per row group
+    pieces = encoding._pieces({s: project / "data" / "corpus" / s for s in splits}, project / "x")
+    assert len(pieces) > 9 and {p.part for p in pieces} > {0}  # several pieces per shard
+    shutil.rmtree(project / "x")
     build(vocab_size=336, num_threads=2)
     assert {p.relative_to(tokens).as_posix(): p.read_bytes() for p in sorted(tokens.rglob("*.bin"))} == single
 

@@ -12,7 +12,7 @@ from lmpipe.core.paths import project_root
 EPILOG = """\
 examples:
   lmpipe lineage transformer              # a model name: ngram, rnn, transformer, sft, lora
-  lmpipe lineage data/tokens/train.bin    # any file or folder DVC produced
+  lmpipe lineage data/tokens/train/part-00000.bin   # any file or folder DVC produced
   lmpipe lineage 3f2a...c9 --json         # an MLflow run id (a stage run or a pipeline run)
   lmpipe lineage --verify                 # re-hash outs; non-zero exit naming every mismatch
 """

@@ -296,7 +296,8 @@ class NgramParams(Section):
         "order (KenLM lmplz's -S); the model is the same either way")
     threads: int = Field(
         default=1, ge=1, le=256,
-        description="threads for estimation and scoring (2 did not pay on a loaded 2-core machine)")
+        description="threads for estimation and scoring (in memory, 2 did not pay on a loaded "
+        "2-core machine; on disk, chunks are counted and key ranges merged in parallel)")
     sample_tokens: int = Field(
         default=200, ge=0, le=100_000, description="length of the sample logged to MLflow (0: none)")
     temperature: float = Field(default=1.0, ge=0, le=100, description="sampling temperature (0: greedy)")

@@ -133,20 +133,28 @@ def _open(path: Path) -> pq.ParquetFile:
     return pf
 
 
-def iter_text_batches(path: str | os.PathLike, batch_size: int = 4096) -> Iterator[list[str]]:
+def iter_text_batches(path: str | os.PathLike, batch_size: int = 4096,
+                      row_groups: range | None = None) -> Iterator[list[str]]:
     """The `text` column of a corpus shard, or of every shard of a split folder, in batches
-    of documents."""
+    of documents; `row_groups`: only those row groups of one shard."""
     path = Path(path)
     for shard in split_shards(path) if path.is_dir() else [path]:
         pf = _open(shard)
-        row = 0
-        for batch in pf.iter_batches(batch_size=batch_size, columns=["text"]):
+        groups = list(row_groups) if row_groups is not None else None
+        row = sum(pf.metadata.row_group(i).num_rows for i in range(groups[0])) if groups else 0
+        for batch in pf.iter_batches(batch_size=batch_size, columns=["text"], row_groups=groups):
             texts = batch.column(0).to_pylist()
             for i, t in enumerate(texts):
                 if not isinstance(t, str):
                     raise InputError(f"{shard}: row {row + i}: `text` is {t!r}, expected a string")
             row += len(texts)
             yield texts
+
+
+def row_group_sizes(path: str | os.PathLike) -> list[int]:
+    """The uncompressed bytes of each row group of a shard (about its text)."""
+    meta = _open(Path(path)).metadata
+    return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
 
 
 def iter_texts(path: str | os.PathLike, batch_size: int = 4096) -> Iterator[str]:

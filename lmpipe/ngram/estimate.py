@@ -128,7 +128,7 @@ def estimate(tokens, vocab_size: int, eos_id: int, order: int = 4, method: str =
     n-grams)) plus O(chunk). When the stream fits in one chunk, the slots of the previous
     order are kept per position instead of being looked up again.
     """
-    _check_arguments(vocab_size, eos_id, order, method, k, chunk_tokens)
+    check_arguments(vocab_size, eos_id, order, method, k, chunk_tokens)
     t_start = time.perf_counter()
     x = as_stream(tokens)
     V = vocab_size
@@ -193,7 +193,7 @@ def estimate(tokens, vocab_size: int, eos_id: int, order: int = 4, method: str =
     return model
 
 
-def _check_arguments(vocab_size: int, eos_id: int, order: int, method: str, k: float,
+def check_arguments(vocab_size: int, eos_id: int, order: int, method: str, k: float,
                      chunk_tokens: int) -> None:
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -3,9 +3,11 @@
 lmpipe/ngram/estimate.py keeps every distinct n-gram of two orders in hash tables (about
 80 bytes each at the peak). Beyond `ngram.memory_gb` this module takes over, the way KenLM's
 lmplz does under its -S budget: counts are spilled to disk as sorted runs and merged, and
-the probabilities are computed a block at a time from the merged files. Only arrays of one
-entry per distinct n-gram of the orders being estimated (their probabilities and
-continuation counts, 8 + 4 bytes) stay in memory; nothing proportional to the corpus does.
+the probabilities are computed a block at a time from the merged files. The chunk, merge and
+block sizes follow the budget; only arrays of one entry per distinct n-gram of the orders
+being estimated (the lower order's probabilities and the continuation counts, 8 + 4 bytes)
+are held whole, and counted in it. Nothing proportional to the corpus is. With `threads`,
+chunks are counted and key ranges merged in parallel (numpy releases the GIL in its sorts).
 
 Ids. An n-gram's key is (id of its prefix, the n-gram without its last word) << bits |
 last word, as in the hash tables, and its id is the key's rank among the order's distinct
@@ -28,12 +30,13 @@ block of n-grams (cut at a context boundary) carries its contexts' sums and back
 weights. The arithmetic is the in-memory estimator's, operation for operation: the two
 agree to float rounding (tested to 1e-6 in log10). Add-k works the same way.
 
-The runs and their merge are lmpipe/ngram/runs.py. The finished levels are memory-mapped
+The runs and their merge (and the spill folder) are lmpipe/ngram/runs.py. The finished levels are memory-mapped
 and their files unlinked, so the disk space is returned when the model is dropped.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -44,14 +47,22 @@ import numpy as np
 
 from lmpipe.core.console import Progress
 from lmpipe.core.errors import InputError
-from lmpipe.ngram.estimate import _check_arguments, discounts_from, log10_clipped, warn_fallback
+from lmpipe.ngram.estimate import check_arguments, discounts_from, log10_clipped, warn_fallback
 from lmpipe.ngram.model import NO_PROB, Level, NgramModel, as_stream, word_bits
-from lmpipe.ngram.runs import Disk, Runs, dedup, read_tokens, sorted_with_order
+from lmpipe.ngram.runs import (
+    Disk,
+    Runs,
+    SparseWriter,
+    dedup,
+    read_tokens,
+    remove_stale_spills,
+    sorted_with_order,
+)
 
 MAX_CHUNK = 1 << 22          # positions per run: an index into it packs in 22 bits
 BYTES_PER_POSITION = 96      # counting memory per position of a chunk (keys, sort, inverse)
 BYTES_PER_MERGED = 110       # merge memory per run entry read (columns, copies, sort, ranks)
-BYTES_PER_ESTIMATED = 160    # probability memory per n-gram of a block (columns, float64 temps)
+BYTES_PER_ESTIMATED = 200    # probability memory per n-gram of a block (columns, float64 temps)
 IN_MEMORY_BYTES_PER_NGRAM = 90   # the in-memory estimator's peak (benchmarks/ngram.py: 70-90)
 
 
@@ -270,7 +281,7 @@ class _Estimator:
             ds, fb = discounts_from(t)
             self.discounts.append(list(ds))
             self.fallback.append(fb)
-        bo = _Sparse(c.disk, f"B{n - 1}", c.sizes[n - 1]) if n > 2 else None
+        bo = SparseWriter(c.disk, f"B{n - 1}", c.sizes[n - 1]) if n > 2 else None
         bo1 = np.zeros(c.V + 1, dtype=np.float32)
         for a, keys, raw, suffix in self._blocks(n):
             pre = (keys >> np.uint64(c.bits)).astype(np.int64)
@@ -321,12 +332,13 @@ def estimate_on_disk(tokens, vocab_size: int, eos_id: int, order: int = 4,
     while order n is estimated, 8 bytes per distinct (n-1)-gram and 4 per n-gram (the lower
     order's probabilities and the continuation counts), spilling to a temporary folder under
     `work_dir`. The model's levels are sorted and memory-mapped."""
-    _check_arguments(vocab_size, eos_id, order, method, k, 1 << 20)
+    check_arguments(vocab_size, eos_id, order, method, k, 1 << 20)
     t_start = time.perf_counter()
     x = as_stream(tokens)
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="ngram-spill-", dir=work_dir))
+        remove_stale_spills(Path(work_dir))
+    folder = Path(tempfile.mkdtemp(prefix=f"ngram-spill-{os.getpid()}-", dir=work_dir))
     try:
         disk = Disk(folder)
         counter = _Counter(x, vocab_size, eos_id, order, memory_bytes, disk, threads)
@@ -372,23 +384,3 @@ def _levels(counter: _Counter, est: _Estimator, order: int) -> list[Level]:
         levels.append(Level(disk.mapped(f"K{n}", np.uint64), disk.mapped(f"L{n}", np.float32),
                             bo, sorted=True))
     return levels
-
-
-class _Sparse:
-    """A dense float32 array written in id order from sparse increasing (ids, values)."""
-
-    def __init__(self, disk: Disk, name: str, size: int):
-        self.disk, self.name, self.size, self.next = disk, name, size, 0
-
-    def put(self, ids: np.ndarray, values: np.ndarray) -> None:
-        if ids.size == 0:
-            return
-        out = np.zeros(int(ids[-1]) + 1 - self.next, dtype=np.float32)
-        out[ids - self.next] = values
-        self.disk.append(self.name, out)
-        self.next = int(ids[-1]) + 1
-
-    def close(self) -> None:
-        if self.next < self.size:
-            self.disk.append(self.name, np.zeros(self.size - self.next, dtype=np.float32))
-        self.next = self.size

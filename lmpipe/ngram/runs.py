@@ -10,6 +10,7 @@ would count as the process's resident memory.
 
 from __future__ import annotations
 
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -263,3 +264,38 @@ class Runs:
         for r in self.lengths:
             for p in range(len(self.part_bases)):
                 self.disk.remove(f"rank{self.n}_{r}.{p}")
+
+
+class SparseWriter:
+    """A dense float32 array written in id order from sparse increasing (ids, values)."""
+
+    def __init__(self, disk: Disk, name: str, size: int):
+        self.disk, self.name, self.size, self.next = disk, name, size, 0
+
+    def put(self, ids: np.ndarray, values: np.ndarray) -> None:
+        if ids.size == 0:
+            return
+        out = np.zeros(int(ids[-1]) + 1 - self.next, dtype=np.float32)
+        out[ids - self.next] = values
+        self.disk.append(self.name, out)
+        self.next = int(ids[-1]) + 1
+
+    def close(self) -> None:
+        if self.next < self.size:
+            self.disk.append(self.name, np.zeros(self.size - self.next, dtype=np.float32))
+        self.next = self.size
+
+
+def remove_stale_spills(work_dir: Path) -> None:
+    """Spill folders of runs that were killed (their process is gone): they can be large."""
+    for folder in work_dir.glob("ngram-spill-*"):
+        try:
+            pid = int(folder.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass

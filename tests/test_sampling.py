@@ -198,6 +198,21 @@ def test_generate_restores_training_mode_and_accepts_wrapped_models():
                                                                     temperature=0.0)
 
 
+def test_cpu_generation_runs_on_one_thread_and_gives_the_threads_back():
+    """At batch 1 a second thread costs more than it brings (lmpipe.models.sampling.decode_threads);
+    the caller's thread count comes back afterwards, also when generation fails midway."""
+    model = transformer()
+    seen: list[int] = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    assert len(generate(model, [1, 2, 3], 5, temperature=0.0)) == 5
+    assert seen and set(seen) == {1}            # the prefill and every decode step
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1, 2, 3], 5, temperature=-1.0)   # raises inside the decode loop
+    assert torch.get_num_threads() == 2
+
+
 # ----------------------------------------------------------------------------- generate_text
 class FakeTokenizer:
     """Characters a..z are ids 1..26, EOS is 0."""

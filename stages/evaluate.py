@@ -62,7 +62,7 @@ def score_models(p: EvaluateParams, folders: dict[str, Path], device: str, tok) 
                           progress=True, desc=f"evaluate {m}")
         results[m] = score.metrics(SPLIT)
         print(f"evaluate: {m:<12} {SPLIT} ppl {score.ppl:10.3f}  bpb {score.bpb:.4f}  "
-              f"({score.n_tokens} tokens, {score.tokens_per_second:,.0f} tok/s)")
+              f"({score.n_tokens} tokens, {score.tokens_per_second:,.0f} tok/s, {score.dtype})")
         del loaded   # free one model before loading the next
     return results
 

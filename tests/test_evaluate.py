@@ -25,6 +25,7 @@ from lmpipe.evaluation.scoring import (
     Score,
     ids_and_bytes,
     load_for_scoring,
+    resolve_dtype,
     score_ids,
     score_text,
     token_byte_lengths,
@@ -194,6 +195,63 @@ def test_sliding_window_equals_scoring_each_token_from_its_window(assets, test_i
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- precision
+def _trained_transformer(tok, mirror, steps: int = 100) -> tuple[nn.Module, np.ndarray, int]:
+    """A Transformer trained by the project's trainer (Muon, bf16 autocast, as `pretrain`)
+    on 400 kB of TinyShakespeare, with the next 40 kB as its held-out split and their bytes."""
+    from lmpipe.core.params import TrainParams
+    from lmpipe.data.batches import TokenBatches
+    from lmpipe.train.runtime import Runtime
+    from lmpipe.train.trainer import Trainer
+
+    text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    train_text, held_out = text[:400_000], text[400_000:440_000]
+    torch.manual_seed(0)
+    model = build_model("transformer", dict(vocab_size=tok.vocab_size, context_length=128,
+                                            n_layer=2, n_head=4, d_model=128))
+    if steps:
+        cfg = TrainParams(optimizer="muon", lr=6e-3, min_lr=6e-4, warmup_steps=10,
+                          batch_size=16, max_steps=steps, eval_every=1000, progress=False,
+                          precision="bf16")
+        batches = TokenBatches(tok.encode_documents([train_text]), 128, 16, seed=0)
+        rt = Runtime(torch.device("cpu"), torch.bfloat16, threads=torch.get_num_threads())
+        Trainer(model, cfg, batches=batches, rt=rt).fit()
+    return model.eval(), tok.encode_documents([held_out]), len(held_out.encode("utf-8"))
+
+
+def test_bf16_scoring_stays_within_1e3_bits_per_byte_of_fp32(tok, mirror, tmp_path):
+    """evaluate.dtype auto scores Transformers in bf16 where the hardware has it: allowed only
+    because a trained model's bits per byte move by less than 1e-3 (issue 13)."""
+    scores = {}
+    for name, steps in (("untrained", 0), ("trained", 100)):
+        model, ids, n_bytes = _trained_transformer(tok, mirror, steps)
+        save_model(model, tmp_path / name, "transformer", model.config.model_dump(mode="json"))
+        loaded = load_for_scoring(tmp_path / name)
+        scores[name] = [score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, dtype=dtype)
+                        for dtype in ("float32", "bfloat16")]
+    fp32, bf16 = scores["trained"]
+    assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    assert fp32.bpb < scores["untrained"][0].bpb - 0.5     # it learned: sharp predictions
+    assert bf16.bpb != fp32.bpb                            # bf16 really ran
+    assert abs(bf16.bpb - fp32.bpb) < 1e-3, (fp32.bpb, bf16.bpb)
+
+
+@pytest.mark.parametrize("native,want", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_never_for_recurrent_models(
+        monkeypatch, assets, test_ids, native, want):
+    from lmpipe.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "cpu_supports_bf16", lambda: native)
+    assert scoring.resolve_dtype("auto", "cpu") == want
+    assert scoring.resolve_dtype("float32", "cpu") == "float32"
+    ids = test_ids[:200]
+    tf = score_ids(load_for_scoring(assets / "data" / "models" / "transformer"), ids, 500,
+                   eos_id=2, dtype="auto")
+    rnn = score_ids(load_for_scoring(assets / "data" / "models" / "rnn"), ids, 500,
+                    eos_id=2, dtype="auto")
+    assert (tf.dtype, rnn.dtype) == (want, "float32")
+
+
 # ----------------------------------------------------------------------------- neural ppl
 def test_transformer_ppl_is_exp_of_the_mean_token_loss(eval_project, assets, tok, test_ids):
     """Independent: plain forward over consecutive context-length windows + cross-entropy."""
@@ -290,11 +348,16 @@ def test_capped_split_counts_the_bytes_of_its_prefix(eval_project, tok):
 def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):
     folder = eval_project / "data" / "models" / "transformer"
     text = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
-    score = score_text(folder, text, tokenizer=tok)
+    score = score_text(folder, text, tokenizer=tok, dtype="float32")
     ids = tok.encode_documents([text])
     assert ids[-1] == tok.eos_id and score.n_tokens == ids.size
     direct = score_windows(load_for_scoring(folder).model, ids, CTX, eos_id=tok.eos_id)
     assert score.total_nll == pytest.approx(direct, rel=1e-12)
+    # by default in evaluate's precision (auto: bf16 where the CPU has it), as the stage
+    auto = score_text(folder, text, tokenizer=tok)
+    assert auto.dtype == resolve_dtype("auto", "cpu")
+    assert auto.total_nll == score_ids(load_for_scoring(folder), ids, score.n_bytes,
+                                       eos_id=tok.eos_id, dtype="auto").total_nll
     assert score.n_bytes == len(text.encode("utf-8"))
 
 
@@ -336,7 +399,7 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert list(metrics) == sorted(ALL)
     ids, n_bytes = ids_and_bytes("test", 400, tok)
     expected = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
-                         ids, n_bytes, eos_id=tok.eos_id)
+                         ids, n_bytes, eos_id=tok.eos_id, dtype=Params().evaluate.dtype)
     t = metrics["transformer"]
     assert t["test_ppl"] == pytest.approx(expected.ppl, rel=1e-5)
     assert t["test_bpb"] == pytest.approx(expected.bpb, rel=1e-5)

@@ -36,6 +36,9 @@ def register(sub) -> None:
                    help="score the RNN in windows of N tokens (default: carry its state)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="Transformer precision, as evaluate.dtype: auto (default) = bfloat16 "
+                        "where the device has it natively, else float32")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)
 
@@ -72,7 +75,8 @@ def run(args) -> int:
     text = read_text(args.text)
     score = score_text(folder, text, device=pick_device(args.device, "--device"),
                        stride=args.stride, batch_size=args.batch_size,
-                       rnn_context=args.rnn_context, progress=sys.stderr.isatty())
+                       rnn_context=args.rnn_context, dtype=args.dtype,
+                       progress=sys.stderr.isatty())
     result = {"model": args.model, "file": str(args.text), **score.metrics("text"),
               "ppl": score.ppl, "bpb": score.bpb}
     if args.json:

@@ -440,7 +440,11 @@ class EvaluateParams(Section):
         default=None, ge=1, description="Score only the first N tokens of the split (smoke runs)"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ...")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="Transformer scoring precision: auto = bfloat16 autocast where the device "
+        "has native bf16 (its bits per byte stay within 1e-3 of float32), else float32; "
+        "recurrent models score in float32 under auto")
     samples_per_model: int = Field(default=2, ge=0, le=20)
     sample_tokens: int = Field(default=80, ge=1)
     sample_prompts: list[str] = Field(

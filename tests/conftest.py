@@ -48,3 +48,31 @@ def project(tmp_path, monkeypatch, mlflow_uri, mirror) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# ----------------------------------------------------------------------------- gpu tests
+# `@pytest.mark.gpu` tests need a CUDA device (tests/test_gpu.py; benchmarks/gpu.sh runs them
+# on an NVIDIA machine). Without one they are deselected, not skipped: they never count as run
+# or passed, and the end of the run lists them.
+_DESELECTED_GPU_TESTS: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch  # deferred: only a run that collected gpu tests needs to ask
+
+    if torch.cuda.is_available():
+        return
+    config.hook.pytest_deselected(items=gpu)
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    _DESELECTED_GPU_TESTS.extend(item.nodeid for item in gpu)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DESELECTED_GPU_TESTS:
+        terminalreporter.section(f"{len(_DESELECTED_GPU_TESTS)} gpu tests deselected: no CUDA "
+                                 "device here (benchmarks/gpu.sh runs them on an NVIDIA machine)")
+        for nodeid in _DESELECTED_GPU_TESTS:
+            terminalreporter.line(f"deselected (gpu) {nodeid}")

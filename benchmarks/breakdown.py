@@ -135,16 +135,14 @@ def _backward_root(evt):
     return None
 
 
-def attribute(events, on_gpu: bool = False) -> dict[str, float]:
-    """Self microseconds per part over every event of a profile: CPU time, or on a GPU the
-    device time of the kernels each op launched."""
+def labelled_events(events) -> Iterator[tuple[Any, str]]:
+    """Each profiled event with the part it belongs to ('other' when none encloses it)."""
     by_seq: dict[int, str] = {}
     for e in events:                        # forward ops that created an autograd node
         if e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
             label = _own_label(e)
             if label is not None:
                 by_seq.setdefault(e.sequence_nr, label)
-    totals: dict[str, float] = defaultdict(float)
     for e in events:
         label = _own_label(e)
         if label is None:
@@ -153,7 +151,15 @@ def attribute(events, on_gpu: bool = False) -> dict[str, float]:
                 label = by_seq.get(root.sequence_nr)
                 if label is None and "AccumulateGrad" in root.name:
                     label = "residual adds, casts, reshapes"
-        totals[label or "other"] += e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        yield e, label or "other"
+
+
+def attribute(events, on_gpu: bool = False) -> dict[str, float]:
+    """Self microseconds per part over every event of a profile: CPU time, or on a GPU the
+    device time of the kernels each op launched."""
+    totals: dict[str, float] = defaultdict(float)
+    for e, label in labelled_events(events):
+        totals[label] += e.self_device_time_total if on_gpu else e.self_cpu_time_total
     return totals
 
 

@@ -15,14 +15,36 @@ from pathlib import Path
 
 from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import flatten, stage_logger
-from lmpipe.core.names import CHAT_MODELS, LOSS_CSV, MODEL_CONFIG_FILE, MODEL_STAGE, SOURCE_FILE
+from lmpipe.core.names import (
+    CHAT_MODELS,
+    LOSS_CSV,
+    MODEL_CONFIG_FILE,
+    MODEL_STAGE,
+    SOURCE_FILE,
+)
 from lmpipe.core.params import EvaluateParams, Params
-from lmpipe.core.paths import corpus_dir, metrics_path, model_dir, plots_dir, reports_dir
-from lmpipe.core.records import read_json, read_loss_csv, read_stage_metrics, write_metrics
+from lmpipe.core.paths import (
+    corpus_dir,
+    metrics_path,
+    model_dir,
+    plots_dir,
+    reports_dir,
+)
+from lmpipe.core.records import (
+    read_json,
+    read_loss_csv,
+    read_stage_metrics,
+    write_metrics,
+)
 from lmpipe.core.stage import main_for
 from lmpipe.data.tokens import tokens_meta
 from lmpipe.evaluation.report import ReportData, environment_info, write_report
-from lmpipe.evaluation.scoring import ids_and_bytes, load_for_scoring, pick_device, score_ids
+from lmpipe.evaluation.scoring import (
+    ids_and_bytes,
+    load_for_scoring,
+    pick_device,
+    score_ids,
+)
 from lmpipe.models.sampling import generate, generate_text
 from lmpipe.models.store import load_model
 from lmpipe.ngram.sampling import generate_ids

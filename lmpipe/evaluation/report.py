@@ -137,11 +137,17 @@ def _models_section(data: ReportData) -> list[str]:
              f"Every model scores the same {split} tokens. Perplexity is per token of this "
              "tokenizer; bits per byte (bpb) divides the total NLL by the UTF-8 bytes of the "
              "text, so it does not depend on the tokenizer. Val perplexity is the training "
-             "stage's own figure.", ""]
+             "stage's own figure, of the weights it published (the step of its lowest val "
+             "loss unless `select: last`).", ""]
     if data.scoring:
         lines += [data.scoring, ""]
-    header = ["model", "stage", "parameters", "train time (s)", "tokens seen", "val ppl",
-              f"{split} ppl", f"{split} bpb", "vs best", f"{split} tokens", "scoring tok/s"]
+    timed = [m for m, sm in data.stage_metrics.items() if sm.get("stopped_by") == "max_seconds"]
+    if timed:
+        lines += [f"**Warning**: {', '.join(timed)} stopped on train.max_seconds (wall clock): "
+                  "these models depend on the machine's speed and are not reproducible.", ""]
+    header = ["model", "stage", "parameters", "train time (s)", "tokens seen", "stopped by",
+              "published step", "val ppl", f"{split} ppl", f"{split} bpb", "vs best",
+              f"{split} tokens", "scoring tok/s"]
     best_bpb = data.results[best].get(f"{split}_bpb") if best is not None else None
     rows = []
     for name, r in data.results.items():
@@ -152,6 +158,7 @@ def _models_section(data: ReportData) -> list[str]:
         rows.append([
             name, MODEL_STAGE.get(name, name), _first(r, "params") or _first(sm, "params"),
             _first(sm, "train_seconds"), _first(sm, "tokens_seen", "train_tokens"),
+            _first(sm, "stopped_by"), _first(sm, "selected_step"),
             _first(sm, "val_ppl"), r.get(f"{split}_ppl"), bpb, rel,
             r.get(f"{split}_tokens"), r.get("tokens_per_second"),
         ])

@@ -58,7 +58,6 @@ def project_env(root: Path, mirror: Path) -> dict[str, str]:
         LMPIPE_ROOT=str(root),
         LMPIPE_MIRROR=str(mirror),
         LMPIPE_TRACKING="off",   # tracking has its own tests; here it would only cost seconds
-        PYTHONHASHSEED="0",
     )
     return env
 

@@ -88,8 +88,7 @@ def published(root: Path, stage: str) -> dict[str, str]:
 def env_for(root: Path, mirror: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMPIPE_", "MLFLOW_TRACKING"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
-               LMPIPE_ROOT=str(root), LMPIPE_MIRROR=str(mirror), LMPIPE_TRACKING="off",
-               PYTHONHASHSEED="0", **extra)
+               LMPIPE_ROOT=str(root), LMPIPE_MIRROR=str(mirror), LMPIPE_TRACKING="off", **extra)
     return env
 
 

@@ -40,6 +40,11 @@ SOURCE_FILE = "source.json"                # where the raw data came from, with 
 LOSS_CSV = "loss.csv"                      # per-step loss of a training stage (DVC plots)
 LOSS_PNG = "loss.png"
 
+# The metrics keys (and checkpoint state fields) that measure wall-clock time or memory: they
+# differ between two runs of the same params by nature. Every other value a stage writes is
+# a function of the params and the data (tests/test_reproducible.py holds the pipeline to it).
+TIMING_FIELD_SUFFIXES = ("_seconds", "per_second", "peak_rss_mb", "elapsed")
+
 # Environment variables.
 PARENT_RUN_ENV = "LMPIPE_PARENT_RUN_ID"    # the MLflow run the stage runs are children of
 MIRROR_ENV = "LMPIPE_MIRROR"               # the offline mirror folder

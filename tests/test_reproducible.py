@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from lmpipe.core.names import STAGES, TIMING_FIELD_SUFFIXES
-from lmpipe.core.profiles import dump_params, profile_dict
 from tests.helpers.repo import make_repo, run
 
 # Fields that measure wall-clock time or memory (the one documented list, in
@@ -91,13 +90,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, mirror):
-    params = profile_dict("smoke")
     repos = []
     for name in ("first", "second"):
         root = tmp_path_factory.mktemp(f"repro-{name}")
-        env = make_repo(root, mirror)
-        (root / "params.yaml").write_text(dump_params(params))
-        run(["git", "commit", "-qam", "params"], root, env)
+        env = make_repo(root, mirror)          # the smoke profile, as shipped
         repos.append((root, env))
     repos[1][1]["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"   # nothing listens
     results: dict[int, object] = {}

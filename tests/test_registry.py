@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lmpipe.cli.main import main
 from lmpipe.core.files import md5_file
@@ -357,3 +358,96 @@ def test_bytes_that_differ_from_the_registered_md5_are_refused(proj, store, caps
     weights.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0x01]))   # the bytes back
     code, _, err = _out(capsys, ["generate", "--model", ref, *args])
     assert code == 2 and f"{ref}: extra.bin: not part of the registered version" in err
+
+
+# ----------------------------------------------------------------------------- the real thing
+@pytest.fixture(scope="session")
+def prefect_api(request):
+    from tests.helpers import servers as T
+
+    T.shared_prefect_harness(120)
+    request.addfinalizer(T.close_shared_prefect_harness)
+
+
+def _local_manifest(root: Path, model: str) -> dict[str, str]:
+    from lmpipe.tracking.registry import version_extras, version_files
+
+    folder = root / "data" / "models" / (model if model != "lora" else "lora/merged")
+    return {rel: md5_file(f) for rel, f in version_files(folder, version_extras(model, root)).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_retraining_the_smoke_pipeline_registers_all_three_and_promotes_on_merit(
+        prefect_api, tmp_path, monkeypatch, mirror, capsys):
+    """Three retraining runs of the real stages (smoke profile), as the nightly deployment
+    runs them: the first registers and crowns all three models; the second trains a worse
+    LoRA (lr x10) and leaves SFT out of the evaluation; the third a better LoRA (lr / 20)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.retrain import lmpipe_retrain
+    from tests.helpers import servers as T
+
+    root = T.copy_project(tmp_path / "proj", "smoke")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    for key, value in {"LMPIPE_ROOT": str(root), "MLFLOW_TRACKING_URI": uri,
+                       "LMPIPE_MIRROR": str(mirror),
+                       "PATH": f"{T.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("LMPIPE_PARENT_RUN_ID", "LMPIPE_TRACKING", "LMPIPE_PARAMS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(root)
+    client = MlflowClient(uri)
+
+    def retrain(lora_lr: float | None = None, evaluated: list[str] | None = None) -> dict:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["pipeline"]["retries"] = 0
+        if lora_lr is not None:
+            params["lora"]["train"].update(lr=lora_lr, min_lr=lora_lr / 10)
+        params["evaluate"]["models"] = evaluated or ["ngram", "rnn", "transformer", "sft", "lora"]
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        report = lmpipe_retrain(root=str(root))
+        decisions = {d["model"]: d for d in report["promotion"]}
+        assert list(decisions) == list(MODELS)          # a decision for every model, always
+        for d in decisions.values():                   # the rule, wherever a version was judged
+            if d["action"] in ("promoted", "kept") and d["champion_bpb"] is not None:
+                assert (d["action"] == "promoted") == (d["bpb"] < d["champion_bpb"]), d
+        return decisions
+
+    def champion(model: str):
+        return client.get_model_version_by_alias(f"lmpipe-{model}", "champion")
+
+    first = retrain()
+    assert {m: d["action"] for m, d in first.items()} == {m: "promoted" for m in MODELS}
+    for model in MODELS:
+        mv = champion(model)
+        assert json.loads(mv.tags["files_md5"]) == _local_manifest(root, model), model
+        assert mv.tags["bpb_source"] == "evaluate.test_bpb"
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "model.safetensors", "tokenizer/tokenizer.model"} <= set(
+        json.loads(champion("lora").tags["files_md5"]))
+
+    worse = retrain(lora_lr=0.02, evaluated=["ngram", "rnn", "transformer", "lora"])
+    assert worse["transformer"]["action"] == "unchanged"
+    assert (worse["sft"]["action"], worse["sft"]["reason"]) == (
+        "skipped", "no bpb for sft in metrics/*.json")
+    assert worse["lora"]["action"] == "kept", worse["lora"]
+    assert worse["lora"]["bpb"] > first["lora"]["bpb"]
+    assert str(champion("lora").version) == first["lora"]["version"] == "1"
+
+    better = retrain(lora_lr=1e-4)
+    assert better["lora"]["action"] == "promoted", better["lora"]
+    assert better["lora"]["bpb"] < first["lora"]["bpb"]
+    assert str(champion("lora").version) == better["lora"]["version"] == "3"
+    assert {better["transformer"]["action"], better["sft"]["action"]} == {"unchanged"}
+    assert {str(champion(m).version) for m in ("transformer", "sft")} == {"1"}
+
+    # The champion loads as the checkout's own LoRA model (the same bytes, md5-checked).
+    args = ["--prompt", "Give three tips for staying healthy.", "--temperature", "0",
+            "--max-new-tokens", "16"]
+    assert main(["chat", "--model", "models:/lmpipe-lora@champion", *args]) == 0
+    from_registry = capsys.readouterr().out
+    assert main(["chat", "--model", "lora", *args]) == 0
+    assert from_registry == capsys.readouterr().out

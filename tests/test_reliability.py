@@ -29,6 +29,9 @@ import pytest
 
 from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
 
+# Heavy: real stages, DVC repos or a Prefect server (`make test-fast` leaves them out).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

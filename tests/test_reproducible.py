@@ -29,6 +29,9 @@ import yaml
 from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
 from tests.helpers.repo import make_repo, run
 
+# Heavy: real stages, DVC repos or a Prefect server (`make test-fast` leaves them out).
+pytestmark = pytest.mark.slow
+
 FEW_STEPS = {"max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
              "log_every": 2, "progress": False}
 SHORTER = {

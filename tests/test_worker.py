@@ -18,10 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory, mirror):
-    import os
-
-    os.environ.setdefault("LMPIPE_MIRROR", str(mirror))
-    return T.deployed_smoke_run(tmp_path_factory.mktemp("smoke"))
+    return T.deployed_smoke_run(tmp_path_factory.mktemp("smoke"), mirror)
 
 
 def _why(smoke) -> str:

@@ -445,7 +445,7 @@ def test_retraining_the_smoke_pipeline_registers_all_three_and_promotes_on_merit
     assert {str(champion(m).version) for m in ("transformer", "sft")} == {"1"}
 
     # The champion loads as the checkout's own LoRA model (the same bytes, md5-checked).
-    args = ["--prompt", "Give three tips for staying healthy.", "--temperature", "0",
+    args = ["--prompt", "Hi.", "--temperature", "0",
             "--max-new-tokens", "16"]
     assert main(["chat", "--model", "models:/lmpipe-lora@champion", *args]) == 0
     from_registry = capsys.readouterr().out

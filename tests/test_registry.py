@@ -295,6 +295,11 @@ def test_chat_and_eval_load_registered_models(registered, capsys, tmp_path):
         save_model(old["sft"], ref_dir, "transformer", old["sft"].config)
         ref = score_text(ref_dir, text.read_text(), tokenizer=old_tok)
     assert json.loads(out)["bpb"] == pytest.approx(ref.bpb, rel=1e-9)
+    # by the MLflow run of the stage that trained it (a child of the registering run)
+    sft_run = _run(uri, dvc_stage="sft", **{"mlflow.parentRunId": run_id})
+    code, by_run, err = _out(capsys, ["eval", "--model", sft_run, "--text", str(text), "--json"])
+    assert code == 0, err
+    assert json.loads(by_run)["bpb"] == json.loads(out)["bpb"]
 
 
 @pytest.mark.parametrize("argv,message", [

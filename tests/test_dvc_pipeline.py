@@ -10,7 +10,7 @@ import yaml
 from tests.helpers.repo import make_repo, ran_stages, run
 
 # Heavy: real stages, DVC repos or a Prefect server (`make test-fast` leaves them out).
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

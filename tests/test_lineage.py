@@ -86,6 +86,7 @@ def _lmpipe(root: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # may set up the session's deployed smoke run (tests/test_worker.py)
 def test_every_model_traces_back_to_the_corpus_sha256(smoke):
     root = smoke["root"]
     env = smoke["env"]
@@ -115,6 +116,7 @@ def test_every_model_traces_back_to_the_corpus_sha256(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_verify_names_a_tampered_model_file(smoke):
     root = smoke["root"]
     env = smoke["env"]

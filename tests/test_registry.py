@@ -382,7 +382,7 @@ def _local_manifest(root: Path, model: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(1800)
 def test_retraining_the_smoke_pipeline_registers_all_three_and_promotes_on_merit(
         prefect_api, tmp_path, monkeypatch, mirror, capsys):
     """Three retraining runs of the real stages (smoke profile), as the nightly deployment

@@ -15,7 +15,7 @@ import pytest
 from lmpipe.core.files import md5_file
 from tests.helpers import servers as T
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="session")

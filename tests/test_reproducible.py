@@ -30,7 +30,8 @@ from lmpipe.core.profiles import deep_merge, dump_params, profile_dict
 from tests.helpers.repo import make_repo, run
 
 # Heavy: real stages, DVC repos or a Prefect server (`make test-fast` leaves them out).
-pytestmark = pytest.mark.slow
+# The module's fixture runs the whole pipeline twice: its first test carries that time.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 FEW_STEPS = {"max_steps": 8, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2,
              "log_every": 2, "progress": False}

@@ -13,7 +13,9 @@ import yaml
 
 from tests.helpers import servers as T
 
-pytestmark = pytest.mark.slow
+# The session's deployed smoke run (a Prefect server, the real stages) is set up by the
+# first test that asks for it: that test carries its time.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="session")

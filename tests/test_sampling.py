@@ -232,7 +232,7 @@ def test_generate_text_loads_the_model_and_continues_the_prompt(tmp_path, fake_t
     # CTX - 2 prompt tokens + EOS leave one position (and the cache then slides); CTX - 1 none
     edge = generate_text(tmp_path / "m", "a" * (CTX - 2), max_new_tokens=3, device="cpu")
     ids = generate(model, [0] + [1] * (CTX - 2), 3, temperature=0.8, stop_ids=(0,), seed=0)
-    assert len(ids) == 3 and edge == "a" * (CTX - 2) + FakeTokenizer().decode(ids)
+    assert ids and edge == "a" * (CTX - 2) + FakeTokenizer().decode(ids)
     with pytest.raises(InputError, match=f"{CTX - 1} tokens \\({CTX} with the EOS.*context is "
                                          f"{CTX} tokens.*no room"):
         generate_text(tmp_path / "m", "a" * (CTX - 1), device="cpu")

@@ -4,10 +4,12 @@
    its pinned checksum. Unchanged bytes give the same outs, and DVC then skips every
    downstream stage by md5; a changed source re-runs the chain from `tokenizer` on.
 2. Every stage in dvc.yaml (so `evaluate` too, when it exists) under one MLflow parent run.
-3. Promotion (`pipeline.promote`): the Transformer, SFT and LoRA models that exist are
-   registered as MLflow model versions, and the alias `champion` moves to a version only when
-   its test bits per byte beat the champion's (lmpipe/tracking/registry.py); otherwise the version is
-   tagged `promotion=kept` with the reason.
+3. Promotion (`pipeline.promote`): the Transformer, SFT and LoRA models (LoRA: its merged
+   weights, with the adapter) are registered as MLflow model versions, and the alias
+   `champion` moves to a version only when its test bits per byte beat the champion's
+   (lmpipe/tracking/registry.py); otherwise the version is tagged `promotion=kept` with the
+   reason. Each of the three gets a decision in the report, `skipped` with its reason when
+   there is no model or no score; a registry error fails this step and moves nothing.
 4. `dvc push` when a DVC remote is configured (`pipeline.push`, pipeline/remote.py).
 5. dvc.lock (and the uncached outs DVC leaves to git: metrics) committed to
    `pipeline.commit_branch` when set.

@@ -9,6 +9,9 @@ import yaml
 
 from tests.helpers.repo import make_repo, ran_stages, run
 
+# Heavy: real stages, DVC repos or a Prefect server (`make test-fast` leaves them out).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mirror):

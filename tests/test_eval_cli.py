@@ -111,7 +111,6 @@ def test_eval_help_has_an_example(capsys):
 
 
 def test_eval_ngram_matches_the_library(cli_project, tok, capsys):  # noqa: F811
-    pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
     path = cli_project / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
     expected = score_text(cli_project / "data" / "models" / "ngram", TEXT, tokenizer=tok)

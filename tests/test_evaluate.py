@@ -300,7 +300,6 @@ def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):
 
 # ----------------------------------------------------------------------------- n-gram
 def test_ngram_ppl_equals_what_lmpipe_ngram_computes(eval_project, assets, tok, test_ids):
-    pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
     from lmpipe.ngram.model import NgramModel
 
     folder = eval_project / "data" / "models" / "ngram"

@@ -27,6 +27,10 @@ import yaml
 from lmpipe.core.names import STAGES, TIMING_FIELD_SUFFIXES
 from tests.helpers.repo import make_repo, run
 
+# Heavy: real stages, DVC repos or a Prefect server (`make test-fast` leaves them out).
+# The module's fixture runs the whole pipeline twice: its first test carries that time.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
 # Fields that measure wall-clock time or memory (the one documented list, in
 # lmpipe/core/names.py): removed before comparing; every other byte must be equal.
 WALL_CLOCK_KEY = re.compile("(" + "|".join(re.escape(s) for s in TIMING_FIELD_SUFFIXES) + ")$")

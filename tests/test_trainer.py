@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,12 +193,29 @@ def test_muon_optimizer_trains():
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.5
 
 
-def test_precision_choice():
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (x86 `flags`, arm64 `Features`)."""
+    text = Path("/proc/cpuinfo").read_text()
+    return set(re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M).group(1).split())
+
+
+def test_precision_choice_on_cpu():
+    """`auto` is bf16 exactly where the CPU has native bf16 instructions (x86: AVX512-BF16 or
+    AMX-BF16; arm64: BF16), read here from the CPU's own flags, not from what torch says."""
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    auto = resolve_precision("auto", cpu)
-    assert auto in (None, torch.bfloat16)
+    native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+
+
+@pytest.mark.gpu
+def test_precision_choice_on_cuda():
+    """`auto` on a GPU: bf16 from compute capability 8.0 (Ampere) on, where it is native."""
+    gpu = torch.device("cuda", 0)
+    native = torch.cuda.get_device_capability(gpu) >= (8, 0)
+    assert resolve_precision("auto", gpu) is (torch.bfloat16 if native else None)
+    assert resolve_precision("fp32", gpu) is None
 
 
 # ----------------------------------------------------------------------------- learning

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmpipe.cli.common import check_sampling_args, model_folder
+from lmpipe.cli.common import check_sampling_args, model_source
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import CHAT_MODELS, DEFAULT_SYSTEM_PROMPT
 
@@ -29,7 +29,9 @@ def register(sub) -> None:
                '--temperature 0',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="sft", help=f"one of: {', '.join(CHAT_MODELS)} (default: sft)")
+    p.add_argument("--model", default="sft",
+                   help=f"one of: {', '.join(CHAT_MODELS)} (default: sft); or a registered "
+                   "one: models:/lmpipe-sft@champion, models:/NAME/VERSION, an MLflow run id")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--system", default=None,
                    help="system line (default: the one the model was trained with, recorded "
@@ -56,8 +58,9 @@ def run(args) -> int:
     from lmpipe.tokenizer.model import Tokenizer
 
     check_sampling_args(args)
-    folder = model_folder(args.model, CHAT_MODELS)
-    tok = Tokenizer.load()
+    src = model_source(args.model, CHAT_MODELS)
+    folder = src.folder
+    tok = Tokenizer.load(src.tokenizer)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_model(folder, device=device)
     system = args.system if args.system is not None else info.get("system_prompt", DEFAULT_SYSTEM_PROMPT)

@@ -1,8 +1,9 @@
-"""What several `lmpipe` verbs share: finding a trained model by name, checking the sampling
-flags before any model loads."""
+"""What several `lmpipe` verbs share: finding a trained model by name or by its place in the
+MLflow model registry, checking the sampling flags before any model loads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe.core.errors import InputError
@@ -20,6 +21,31 @@ def model_folder(name: str, choices: tuple[str, ...] = MODELS) -> Path:
         raise InputError(f"model {name!r} not found at {folder}; "
                          f"run `dvc repro {MODEL_STAGE[name]}` first")
     return folder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `--model` loads from: the weights' folder, and the tokenizer to read them with
+    (None: the project's data/tokenizer/)."""
+
+    folder: Path
+    tokenizer: Path | None = None
+
+
+def model_source(name: str, choices: tuple[str, ...] = MODELS) -> ModelSource:
+    """`--model`: a model name (data/models/), or a registered model (`models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, an MLflow run id) downloaded and md5-checked against the registry,
+    loaded with the tokenizer registered beside it."""
+    # deferred: the CLI imports the library only when a verb runs (mlflow itself is deferred
+    # further, inside resolve)
+    from lmpipe.tracking.registered import is_registry_ref, resolve
+    from lmpipe.tracking.registry import REGISTERED
+
+    if not is_registry_ref(name):
+        return ModelSource(model_folder(name, choices))
+
+    reg = resolve(name, tuple(m for m in choices if m in REGISTERED))
+    return ModelSource(reg.folder, reg.tokenizer)
 
 
 def check_sampling_args(args) -> None:

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmpipe.cli.common import model_folder
+from lmpipe.cli.common import model_source
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import MODELS
 
@@ -27,7 +27,9 @@ def register(sub) -> None:
         epilog="example: lmpipe eval --model transformer --text notes.txt --stride 64",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--model", required=True,
+                   help=f"one of: {', '.join(MODELS)}; or a registered model: "
+                   "models:/lmpipe-transformer@champion, models:/NAME/VERSION, an MLflow run id")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window stride for Transformers (default: non-overlapping "
@@ -63,14 +65,16 @@ def run(args) -> int:
         pick_device,
         score_text,
     )
+    from lmpipe.tokenizer.model import Tokenizer  # deferred: the library, with the above
 
     for name in ("stride", "rnn_context", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-    folder = model_folder(args.model)
+    src = model_source(args.model)
     text = read_text(args.text)
-    score = score_text(folder, text, device=pick_device(args.device, "--device"),
+    tok = Tokenizer.load(src.tokenizer) if src.tokenizer else None
+    score = score_text(src.folder, text, tokenizer=tok, device=pick_device(args.device, "--device"),
                        stride=args.stride, batch_size=args.batch_size,
                        rnn_context=args.rnn_context, progress=sys.stderr.isatty())
     result = {"model": args.model, "file": str(args.text), **score.metrics("text"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmpipe.cli.common import check_sampling_args, model_folder
+from lmpipe.cli.common import check_sampling_args, model_source
 from lmpipe.core.names import MODELS
 
 
@@ -16,7 +16,9 @@ def register(sub) -> None:
         epilog='example: lmpipe generate --model transformer --prompt "ROMEO:" --max-new-tokens 100 --top-p 0.9',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--model", required=True,
+                   help=f"one of: {', '.join(MODELS)}; or a registered model: "
+                   "models:/lmpipe-transformer@champion, models:/NAME/VERSION, an MLflow run id")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -29,22 +31,23 @@ def register(sub) -> None:
 
 def run(args) -> int:
     check_sampling_args(args)
-    folder = model_folder(args.model)
+    src = model_source(args.model)
     # deferred: torch and the models take seconds to import, `lmpipe --help` should not
     if args.model == "ngram":
         from lmpipe.ngram.sampling import generate_text
 
         text = generate_text(
-            folder, args.prompt, max_new_tokens=args.max_new_tokens,
+            src.folder, args.prompt, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, seed=args.seed,
         )
     else:
         from lmpipe.models.sampling import generate_text
 
         text = generate_text(
-            folder, args.prompt, max_new_tokens=args.max_new_tokens,
+            src.folder, args.prompt, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, seed=args.seed,
+            tokenizer_path=src.tokenizer,
         )
     print(text)  # generate_text returns the prompt and its continuation
     return 0

@@ -53,6 +53,11 @@ def model_dir(model: str) -> Path:
     return folder / "merged" if model == "lora" else folder
 
 
+def lora_adapter_dir() -> Path:
+    """The LoRA stage's PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    return models_dir() / "lora" / "adapter"
+
+
 def checkpoints_dir() -> Path:
     return data_dir() / "checkpoints"
 

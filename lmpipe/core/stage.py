@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import traceback
 from typing import Callable
@@ -16,14 +15,30 @@ from lmpipe.core.paths import project_root
 def relaunch_distributed(name: str, nproc: int) -> int | None:
     """Re-run stage `name` under torchrun with `nproc` processes, unless already under it.
 
-    Returns torchrun's exit code, or None when the stage should simply run in this process.
+    Returns the stage's exit code, or None when the stage should simply run in this process.
+
+    torchrun (the `torch.distributed.run` command) exits 1 whatever its workers exited with,
+    so a rank's InputError (exit 2: bad params or input, never retried by the flow) would
+    come back as an ordinary failure and be retried. The launcher therefore runs in this
+    process through torchrun's own entry point, whose ChildFailedError carries each rank's
+    exit code; the first failure decides: 2 stays 2, anything else is 1.
     """
     if nproc <= 1 or "LOCAL_RANK" in os.environ:
         return None
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", f"stages.{name}"]
-    print(f"stage {name}: launching {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    # deferred: torch takes seconds to import and only a multi-process stage needs it here
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", f"stages.{name}"]
+    print(f"stage {name}: launching {nproc} processes: torch.distributed.run {' '.join(argv)}",
+          file=sys.stderr)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(f"stage {name}: rank {rank} exited with {failure.exitcode}", file=sys.stderr)
+        return EXIT_BAD_INPUT if failure.exitcode == EXIT_BAD_INPUT else EXIT_FAILURE
+    return EXIT_OK
 
 
 def run_stage(name: str, main: Callable[[Params], None], argv: list[str] | None = None) -> int:
@@ -38,7 +53,7 @@ def run_stage(name: str, main: Callable[[Params], None], argv: list[str] | None 
         train = getattr(getattr(params, name, None), "train", None)
         code = relaunch_distributed(name, getattr(train, "nproc_per_node", 1))
         if code is not None:
-            return EXIT_OK if code == 0 else EXIT_FAILURE
+            return code
         main(params)
     except InputError as err:
         print(f"stage {name}: error: {err}", file=sys.stderr)

@@ -55,6 +55,11 @@ from pipeline.lock import RunLock, repro_lock
 
 _EXITED = re.compile(r"exited with (-?\d+)")
 BAD_INPUT_NOTE = "(bad params or input: not retried)"
+# DVC ends every `dvc repro` with the same advice (git add dvc.lock, autostage, dvc push):
+# once per stage it was printed eight times. It stays in the stage's log file; the flow
+# shows it once, at the end (lmpipe/cli/run.py).
+DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
+             "dvc config core.autostage", "Use `dvc push` to send your updates")
 NOT_RETRIED = {EXIT_BAD_INPUT, 130}
 
 
@@ -157,6 +162,8 @@ def run_dvc_repro(
             line = _last_segment(raw)
             log.write(line + "\n")
             log.flush()
+            if not line.strip() or line.strip().startswith(DVC_HINTS):
+                continue
             tail.append(line)
             if echo is not None:
                 echo(line)

@@ -10,11 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmpipe.cli.common import check_sampling_args, model_folder
+from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, describe_model, model_folder
+from lmpipe.cli.text_out import HoldingTokenizer, dropped_note
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import CHAT_MODELS, DEFAULT_SYSTEM_PROMPT
 
 QUIT = ("/quit", "/exit")
+EPILOG = """\
+examples:
+  lmpipe chat --model lora
+  lmpipe chat --model sft --prompt "Give three tips for staying healthy." --temperature 0
+
+""" + MODELS_NOTE
 HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
 
@@ -24,9 +31,7 @@ def register(sub) -> None:
         help="chat with the SFT or LoRA model (interactive, or one answer with --prompt)",
         description="Answer prompts with an instruction-tuned model through the chat template "
         "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").",
-        epilog='examples:\n  lmpipe chat --model lora\n'
-               '  lmpipe chat --model sft --prompt "Give three tips for staying healthy." '
-               '--temperature 0',
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="sft", help=f"one of: {', '.join(CHAT_MODELS)} (default: sft)")
@@ -57,7 +62,7 @@ def run(args) -> int:
 
     check_sampling_args(args)
     folder = model_folder(args.model, CHAT_MODELS)
-    tok = Tokenizer.load()
+    tok = HoldingTokenizer(Tokenizer.load())   # never a U+FFFD for a cut character
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_model(folder, device=device)
     system = args.system if args.system is not None else info.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
@@ -73,12 +78,16 @@ def run(args) -> int:
             seed=args.seed + turn, device=device)
 
     if args.prompt is not None:
+        print(describe_model(args.model), file=sys.stderr)
         print(answer(args.prompt, (), 0))
+        if tok.dropped:
+            print(f"lmpipe chat: {dropped_note(tok.dropped)}", file=sys.stderr)
         return 0
 
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"lmpipe chat ({args.model}, {folder}); {HELP}", file=sys.stderr)
+        print(describe_model(args.model), file=sys.stderr)
     history: list[tuple[str, str]] = []
     turn = 0
     while True:

@@ -145,6 +145,8 @@ def _run_flow(args, root: Path) -> int:
     print(pipe["markdown"], end="")
     if pipe.get("parent_run_id"):
         print(f"\nMLflow parent run: {pipe['parent_run_id']} (`mlflow ui` to browse)")
+    print("dvc.lock records this run: `git add dvc.lock metrics plots && git commit` keeps it "
+          "(or `dvc config core.autostage true` to stage it automatically)")
     if report:
         for line in report.get("summary", []):
             print(line)

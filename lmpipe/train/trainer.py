@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from lmpipe.core.console import note
+from lmpipe.core.console import note, progress
 from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import MetricLogger, NullLogger
 from lmpipe.core.names import IGNORE_INDEX
@@ -340,9 +338,9 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         self.resume()
         self.model.train()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name, unit="step",
-                   disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
+        bar = progress(total=self.max_steps, initial=self.step, desc=self.name, unit="step",
+                       disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
+                       mininterval=1.0)
         t_session = time.perf_counter()
         base_elapsed = self.elapsed
         session_tokens, session_start_step = 0, self.step

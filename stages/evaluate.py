@@ -28,6 +28,7 @@ from lmpipe.core.records import (
 )
 from lmpipe.core.stage import main_for
 from lmpipe.data.tokens import tokens_meta
+from lmpipe.evaluation.model_card import describe_model
 from lmpipe.evaluation.report import ReportData, environment_info, write_report
 from lmpipe.evaluation.scoring import ids_and_bytes, load_for_scoring, pick_device, score_ids
 from lmpipe.models.sampling import generate, generate_text
@@ -159,6 +160,7 @@ def run(params: Params) -> None:
             tokens_meta=tokens_meta(),
             split=SPLIT,
             scoring=scoring,
+            descriptions={m: describe_model(m) for m in folders},
         )
         files = write_report(reports_dir(), data)
         for f in files.values():

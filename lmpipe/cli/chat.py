@@ -8,6 +8,7 @@ merged weights (data/models/lora/merged/, equal to base + adapter).
 from __future__ import annotations
 
 import argparse
+import textwrap
 import sys
 
 from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, describe_model, model_folder
@@ -29,8 +30,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "chat",
         help="chat with the SFT or LoRA model (interactive, or one answer with --prompt)",
-        description="Answer prompts with an instruction-tuned model through the chat template "
-        "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").",
+        description=textwrap.fill("Answer prompts with an instruction-tuned model through the chat template "
+        "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").", width=88),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import re
 from pathlib import Path
@@ -28,9 +29,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="compare two runs: params that differ, metric deltas per model, loss curves",
-        description="Compare two runs of the pipeline: the params that differ, each model's "
+        description=textwrap.fill("Compare two runs of the pipeline: the params that differ, each model's "
         "val and test bits per byte (then its other figures) with the change, the other "
-        "metrics that differ, and a PNG overlaying both runs' loss curves.",
+        "metrics that differ, and a PNG overlaying both runs' loss curves.", width=88),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import sys
 
 from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, model_folder
@@ -21,7 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="sample text from a trained model",
-        description="Sample a continuation of PROMPT from a trained model under data/models/.",
+        description=textwrap.fill("Sample a continuation of PROMPT from a trained model under data/models/.", width=88),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -20,6 +20,7 @@ COMMANDS = {
     "lineage": "lineage",
     "sync-mlflow": "sync_mlflow",
     "compare": "compare",
+    "results": "results",
 }
 
 

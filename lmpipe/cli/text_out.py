@@ -32,7 +32,8 @@ class Utf8Holder:
             except UnicodeDecodeError as err:
                 out.append(buf[:err.start].decode("utf-8"))
                 if err.reason == "unexpected end of data" and err.end == len(buf):
-                    break                          # an unfinished character: hold it
+                    buf = buf[err.start:]          # an unfinished character: hold it
+                    break
                 self.dropped += err.end - err.start
                 buf = buf[err.end:]
         self._held = buf

@@ -106,8 +106,9 @@ def test_readme_compare_section_runs_as_written_on_a_fresh_clone(repo):
     commands = readme_commands("### Change a param and compare")
     assert commands[0].startswith("source .venv/bin/activate")
     outputs = {}
+    terminal = {**env, "COLUMNS": "200"}    # dvc exp show lays its table out for a terminal
     for cmd in commands[1:]:
-        proc = run(["bash", "-c", cmd], root, env, timeout=1500)
+        proc = run(["bash", "-c", cmd], root, terminal, timeout=1500)
         outputs[cmd.split()[1] if cmd.startswith("dvc") else cmd.split()[0]] = proc.stdout
     # lmpipe compare: exactly the changed param, then bits per byte per model
     compare = next(out for cmd, out in outputs.items() if cmd == "lmpipe")
@@ -123,8 +124,11 @@ def test_readme_compare_section_runs_as_written_on_a_fresh_clone(repo):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # dvc exp show: a table a terminal can hold, with the changed param and the bpb columns
     table = outputs["exp"]
-    assert "ngram.order" in table and "test_bpb" in table, table
-    assert max(len(line) for line in table.splitlines()) <= 250, table
+    header = next(line for line in table.splitlines() if "Experiment" in line).split()
+    assert header == ["Experiment", "lora.test_bpb", "ngram.test_bpb", "rnn.test_bpb",
+                      "sft.test_bpb", "transformer.test_bpb", "ngram.order"], table
+    assert re.search(r"\[order5\]\s+(\S+\s+){5}5\s*$", table, re.M), table
+    assert max(len(line) for line in table.splitlines()) <= 160, table
     # dvc plots diff: the bits-per-byte plot, both experiments' rows
     plots = json.loads(outputs["plots"])
     assert "bits_per_byte" in json.dumps(plots)

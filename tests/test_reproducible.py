@@ -140,7 +140,7 @@ def test_two_clean_runs_produce_identical_outs(two_runs):
     outs_a, outs_b = lock_outs(a), lock_outs(b)
     assert set(outs_a) == set(outs_b)
     lock_a = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
-    assert list(lock_a) == STAGES
+    assert list(lock_a) == ["params", *STAGES]
     identical = [p for p in outs_a if outs_a[p] == outs_b[p]]
     differing = [p for p in outs_a if outs_a[p] != outs_b[p]]
     # Every model, tokenizer, token file, corpus split and plot is byte-identical.
@@ -169,7 +169,8 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     (a, env_a), (b, env_b) = two_runs[0]
     log = two_runs[1][1].stdout + two_runs[1][1].stderr
     warnings = re.findall(r"^WARNING: lmpipe: MLflow unavailable for stage '(\w+)'", log, re.M)
-    assert sorted(warnings) == sorted(STAGES), warnings        # each stage warned exactly once
+    # each stage warned exactly once, and so did the params check opening the pipeline run
+    assert sorted(warnings) == sorted([*STAGES, "pipeline"]), warnings
     for stage in STAGES:
         assert (b / "metrics" / f"{stage}.json").is_file()
     # The first run, with its store up, logged one run per stage.
@@ -178,7 +179,7 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lmpipe")
     names = sorted(r.data.tags["dvc_stage"] for r in client.search_runs([exp.experiment_id]))
-    assert names == sorted(STAGES)
+    assert names == sorted([*STAGES, "pipeline"])     # one pipeline run, its stage runs
 
     store = f"sqlite:///{b / 'mlflow-after.db'}"
     proc = run(["lmpipe", "sync-mlflow"], b, {**env_b, "MLFLOW_TRACKING_URI": store})
@@ -186,6 +187,7 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("lmpipe")
     (synced,) = client.search_runs([exp.experiment_id], "tags.`lmpipe.sync` = 'true'")
+    assert synced.data.params["pretrain.train.max_steps"] == "8"    # the whole params.yaml
     pretrain = json.loads((b / "metrics" / "pretrain.json").read_text())
     logged = synced.data.metrics
     match = [k for k in logged if k.endswith("val_bpb") and "pretrain" in k]

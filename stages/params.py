@@ -22,8 +22,11 @@ downstream stage stale.
 
 from __future__ import annotations
 
+import os
+
 from lmpipe.core.files import write_text_atomic
-from lmpipe.core.names import CHECK_STAGE
+from lmpipe.core.metric_logger import stage_logger
+from lmpipe.core.names import CHECK_STAGE, PARENT_RUN_ENV
 from lmpipe.core.params import Params
 from lmpipe.core.paths import params_stamp, project_root
 from lmpipe.core.stage import main_for
@@ -36,7 +39,12 @@ STAMP = "params.yaml passed the schema in lmpipe/core/params.py\n"
 def run(params: Params) -> None:
     # main_for has validated the whole file before calling this.
     write_text_atomic(params_stamp(), STAMP)
-    open_execution_run(project_root(), params)
+    pipeline_run = open_execution_run(project_root(), params)
+    if pipeline_run:
+        os.environ[PARENT_RUN_ENV] = pipeline_run
+    # like every stage, a child run of the pipeline run: "params.yaml was checked here"
+    with stage_logger(NAME, params.tracking.experiment) as log:
+        log.set_tags({"lmpipe.params_checked": "true"})
 
 
 if __name__ == "__main__":

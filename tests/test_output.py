@@ -81,6 +81,17 @@ def test_the_flow_shows_dvc_advice_once_not_per_stage(tmp_path):
     assert any("Running stage 'one'" in e for e in echoed)
 
 
+def test_a_params_error_makes_lmpipe_run_exit_2_like_the_stage():
+    from lmpipe.cli.run import EXIT_BAD_INPUT
+    from pipeline.flow import PipelineFailed, StageFailed
+
+    typo = str(StageFailed("params", 2, 255, "ngram.orderr: unknown key", "params.log"))
+    crash = str(StageFailed("pretrain", 1, 255, "Traceback ...", "pretrain.log"))
+    assert PipelineFailed({"params": typo}, ["download"]).bad_input
+    assert not PipelineFailed({"params": typo, "pretrain": crash}, []).bad_input
+    assert EXIT_BAD_INPUT == 2
+
+
 # ----------------------------------------------------------------------------- text
 E_ACUTE = "é".encode()          # two bytes: c3 a9
 DASH = "—".encode()             # three bytes: e2 80 94

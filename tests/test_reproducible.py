@@ -169,8 +169,8 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     (a, env_a), (b, env_b) = two_runs[0]
     log = two_runs[1][1].stdout + two_runs[1][1].stderr
     warnings = re.findall(r"^WARNING: lmpipe: MLflow unavailable for stage '(\w+)'", log, re.M)
-    # each stage warned exactly once, and so did the params check opening the pipeline run
-    assert sorted(warnings) == sorted([*STAGES, "pipeline"]), warnings
+    # each stage warned exactly once, the params check too, and so did its pipeline run
+    assert sorted(warnings) == sorted([*STAGES, "params", "pipeline"]), warnings
     for stage in STAGES:
         assert (b / "metrics" / f"{stage}.json").is_file()
     # The first run, with its store up, logged one run per stage.
@@ -179,7 +179,7 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lmpipe")
     names = sorted(r.data.tags["dvc_stage"] for r in client.search_runs([exp.experiment_id]))
-    assert names == sorted([*STAGES, "pipeline"])     # one pipeline run, its stage runs
+    assert names == sorted([*STAGES, "params", "pipeline"])   # one pipeline run, its stage runs
 
     store = f"sqlite:///{b / 'mlflow-after.db'}"
     proc = run(["lmpipe", "sync-mlflow"], b, {**env_b, "MLFLOW_TRACKING_URI": store})

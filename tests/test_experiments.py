@@ -135,20 +135,20 @@ def test_readme_compare_section_runs_as_written_on_a_fresh_clone(repo):
 
 @pytest.fixture(scope="module")
 def mlflow_ui(repo):
-    """`mlflow ui` on the repo's store (as the README starts it), once the pipeline runs of
-    both experiments are closed; yields its base URL."""
+    """`lmpipe ui` on the repo's store (as the README starts it), once the pipeline runs of
+    both experiments are closed; yields (its base URL, the link it printed)."""
     root, env = repo
     runs = pipeline_runs(root)
     assert {"baseline", "order5"} <= set(runs), sorted(runs)
     port = free_port()
-    ui = subprocess.Popen(
-        ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"],
-        cwd=root, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(["lmpipe", "ui", "--port", str(port)], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        rest(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1")
-        yield f"http://127.0.0.1:{port}"
+        link = ui.stdout.readline().strip().removeprefix("lmpipe ui: ")
+        base = f"http://127.0.0.1:{port}"
+        assert link.startswith(f"{base}/#/experiments/") and "workflowType=machine_learning" in link
+        rest(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+        yield base, link
     finally:
         ui.terminate()
         ui.wait(timeout=30)
@@ -158,7 +158,7 @@ def test_each_experiment_is_one_mlflow_pipeline_run_differing_in_exactly_the_cha
         repo, mlflow_ui):
     """Through MLflow's REST API, as the UI's compare view reads it."""
     root, env = repo
-    api = f"{mlflow_ui}/api/2.0/mlflow"
+    api = f"{mlflow_ui[0]}/api/2.0/mlflow"
     exp = rest(f"{api}/experiments/get-by-name?experiment_name=lmpipe")["experiment"]
     tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
     assert tags["mlflow.experimentKind"] == "custom_model_development"   # the runs table
@@ -187,21 +187,23 @@ def test_each_experiment_is_one_mlflow_pipeline_run_differing_in_exactly_the_cha
 
 def test_mlflow_ui_compare_with_show_diff_only_shows_exactly_the_changed_param(
         repo, mlflow_ui, tmp_path_factory):
-    """The real UI in headless Chromium (.ci/run installs Debian's `chromium`): the experiment
-    opens on its runs table; comparing the two pipeline runs with "Show diff only" lists the
-    one changed param and the metrics that moved."""
+    """The real UI in headless Chromium (.ci/run installs Debian's `chromium`): the link
+    `lmpipe ui` prints opens the experiment on its runs table; comparing the two pipeline runs
+    with "Show diff only" lists the one changed param and the metrics that moved."""
     from tests.helpers.browser import Browser, chromium
 
     assert chromium(), "headless Chromium is needed: apt-get install chromium (.ci/run does)"
-    api = f"{mlflow_ui}/api/2.0/mlflow"
+    base, link = mlflow_ui
+    api = f"{base}/api/2.0/mlflow"
     exp_id = rest(f"{api}/experiments/get-by-name?experiment_name=lmpipe")["experiment"][
         "experiment_id"]
     a, b = (pipeline_run_json(api, exp_id, n)["info"]["run_id"] for n in ("baseline", "order5"))
     browser = Browser()
     try:
-        browser.goto(f"{mlflow_ui}/#/experiments/{exp_id}")
+        browser.goto(link)
         browser.wait_for("document.body.innerText.includes('exp order5 · ngram.order=5')")
-        browser.goto(f'{mlflow_ui}/#/compare-runs?runs=["{a}","{b}"]&experiments=["{exp_id}"]')
+        assert "Token Usage" not in browser.js("document.body.innerText")   # not GenAI's page
+        browser.goto(f'{base}/#/compare-runs?runs=["{a}","{b}"]&experiments=["{exp_id}"]')
         browser.wait_for("document.body.innerText.includes('Show diff only')")
         sections = {}
         for name in ("Parameters", "Metrics"):

@@ -197,7 +197,7 @@ def test_results_table_is_generated_from_the_metrics_and_names_machine_and_commi
     write_run(project)
     assert main(["results"]) == 0
     out = capsys.readouterr().out
-    assert "| n-gram (Kneser-Ney) | 10,000 n-grams | 0 s | 2.072 | 2.339 |" in out
+    assert "| n-gram (Kneser-Ney) | 10,000 n-grams | 0.2 s | 2.072 | 2.339 |" in out
     assert "| RNN | 1.18 M | 1.7 minutes | 2.102 | 2.296 |" in out
     assert "| Transformer | 3.48 M | 5.0 minutes | 2.049 | 2.296 |" in out
     assert "base Transformer 1,018, SFT 99, LoRA 152" in out

@@ -47,6 +47,8 @@ WALL_CLOCK_KEY = re.compile(r"(seconds|per_second|peak_rss|elapsed)")
 REPORT_COLUMNS = re.compile(r"time \(s\)|tok/s")   # report.md table columns of timings
 # report.md names the git commit it ran from; each scratch copy has its own first commit.
 REPORT_COMMIT = re.compile(r"^- git commit: [0-9a-f]{40}$", re.M)
+# "What these models are" says how long each model trained ("for 5.0 minutes", "for 40 s").
+REPORT_DURATION = re.compile(r"\bfor [0-9.]+ (s|minutes)\b")
 
 
 def strip_wall_clock(obj):
@@ -59,6 +61,7 @@ def strip_wall_clock(obj):
 
 def normalise_report(text: str) -> str:
     text = REPORT_COMMIT.sub("- git commit: <commit>", text)
+    text = REPORT_DURATION.sub("for <t>", text)
     out, masked = [], set()
     for line in text.splitlines():
         if line.startswith("|"):

@@ -21,6 +21,7 @@ COMMANDS = {
     "sync-mlflow": "sync_mlflow",
     "compare": "compare",
     "results": "results",
+    "ui": "ui",
 }
 
 

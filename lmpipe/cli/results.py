@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from lmpipe.core.files import write_text_atomic
-from lmpipe.core.git import git_state
+from lmpipe.core.git import git, git_state
 from lmpipe.core.paths import project_root
 
 
@@ -32,8 +32,10 @@ def run(args) -> int:
     from lmpipe.evaluation.model_card import replace_block, results_markdown
 
     root = project_root()
-    git = git_state(root)
-    block = results_markdown(root, git["git_commit"], git["git_dirty"] == "true")
+    commit = git_state(root)["git_commit"]
+    changed = [line.split(maxsplit=1)[1] for line in git(
+        root, "status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+    block = results_markdown(root, commit, changed)
     if args.readme:
         path = Path(args.readme)
         write_text_atomic(path, replace_block(path.read_text(encoding="utf-8"), block, str(path)))

@@ -144,7 +144,7 @@ def _run_flow(args, root: Path) -> int:
     print()
     print(pipe["markdown"], end="")
     if pipe.get("parent_run_id"):
-        print(f"\nMLflow parent run: {pipe['parent_run_id']} (`mlflow ui` to browse)")
+        print(f"\nMLflow parent run: {pipe['parent_run_id']} (`lmpipe ui` to browse)")
     print("dvc.lock records this run: `git add dvc.lock metrics plots && git commit` keeps it "
           "(or `dvc config core.autostage true` to stage it automatically)")
     if report:

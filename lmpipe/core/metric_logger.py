@@ -208,7 +208,7 @@ class MLflowLogger:
         exp_id = ensure_experiment(client, experiment)
         if self._attach:
             client.get_run(self._attach)   # fails here, once, when the store is down
-            self._client, self.run_id = client, self._attach
+            self._client, self.run_id, self.experiment_id = client, self._attach, exp_id
             return
         tags = {"mlflow.runName": self.stage, "lmpipe.stage": self.stage, "dvc_stage": self.stage}
         parent = os.environ.get(PARENT_RUN_ENV) or execution_parent(client, exp_id)
@@ -220,6 +220,11 @@ class MLflowLogger:
         self._client = client
         self.run_id = run.info.run_id
         self.experiment_id = exp_id
+
+    @property
+    def client(self):
+        """The MlflowClient of this run (None when tracking is down), for reading runs back."""
+        return self._client
 
     # -- the interface
     def log_params(self, params: Mapping[str, Any]) -> None:

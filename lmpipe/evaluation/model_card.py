@@ -31,6 +31,8 @@ def _size(n: float | None) -> str:
 def _minutes(seconds: float | None) -> str:
     if seconds is None:
         return "an unknown time"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} minutes"
 
 
@@ -78,9 +80,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def results_markdown(root: Path, commit: str, dirty: bool) -> str:
+def results_markdown(root: Path, commit: str, changed: list[str]) -> str:
     """The README's headline: each corpus model's size, training time and bits per byte, the
-    instruction models' response perplexity, and the machine and commit that produced them."""
+    instruction models' response perplexity, and the machine and commit that produced them
+    (`changed`: tracked files that differ from the commit; on a fresh clone DVC itself adds
+    its outs to .gitignore, so that file is named rather than a vague "dirty")."""
     ev = read_stage_metrics("evaluate", root)
     if not ev:
         raise InputError(f"{root / 'metrics' / 'evaluate.json'}: no evaluation yet; run the "
@@ -109,7 +113,8 @@ def results_markdown(root: Path, commit: str, dirty: bool) -> str:
     lock = md5_file(root / "dvc.lock")[:12] if (root / "dvc.lock").exists() else "none"
     lines += [f"Produced by `lmpipe results` from the metrics of one run: {cpu_model()}, "
               f"{os.cpu_count()} cores, no GPU used; lmpipe commit {commit[:12]}"
-              f"{' (with uncommitted changes)' if dirty else ''}; dvc.lock md5 {lock}; "
+              f"{' (uncommitted changes: ' + ', '.join(changed) + ')' if changed else ''}; "
+              f"dvc.lock md5 {lock}; "
               f"load average when the table was written {load}.", END]
     return "\n".join(lines) + "\n"
 

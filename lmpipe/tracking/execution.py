@@ -85,9 +85,8 @@ def close_when_done(run_id: str, pid: int, root: Path, experiment: str) -> str:
 
 def unfinished_children(run: MLflowLogger) -> dict[str, str]:
     """{stage: why} for each stage run of the execution that failed or never finished."""
-    client = run._client
-    children = client.search_runs([client.get_run(run.run_id).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{run.run_id}'")
+    children = run.client.search_runs([run.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{run.run_id}'")
     return {c.data.tags.get("dvc_stage", c.info.run_id): c.info.status.lower()
             for c in children if c.info.status != "FINISHED"}
 

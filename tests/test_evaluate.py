@@ -362,6 +362,12 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert (f"| test | {test_split['documents']} | 9 | {test_split['bytes']:,} | "
             f"{test_split['tokens']:,} |") in report
     assert "## Samples" in report and "### transformer" in report and "ROMEO:" in report
+    what = report.split("## What these models are")[1].split("\n## ")[0]   # said plainly
+    for name in ALL:
+        assert f"- {name}: a" in what
+    assert "small demonstration model" in what and "instruction examples" in what
+    bpb_csv = (eval_project / "plots" / "evaluate" / "bits_per_byte.csv").read_text().splitlines()
+    assert bpb_csv[0] == "model,val_bpb,test_bpb" and len(bpb_csv) == 1 + len(ALL)   # DVC plot
     assert "### ngram" in report and "[no sample" not in report
     for png in ("loss_curves.png", "bits_per_byte.png"):
         data = (eval_project / "reports" / png).read_bytes()

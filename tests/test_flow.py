@@ -296,8 +296,8 @@ def test_parent_run_children_artifacts_and_markdown(prefect_api, fake, monkeypat
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(report["parent_run_id"])
     tags = parent.data.tags
-    assert tags["dvc_lock_md5"] == md5_before == "none"
-    assert tags["dvc_lock_md5_end"] == dvc_lock_md5(root)
+    assert tags["dvc_lock_md5_start"] == md5_before == "none"
+    assert tags["dvc_lock_md5"] == tags["dvc_lock_md5_end"] == dvc_lock_md5(root)
     assert tags["git_commit"] == T.sh(["git", "rev-parse", "HEAD"], root).stdout.strip()
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"dvc.lock", "metrics", "summary.md"} <= arts

@@ -37,6 +37,8 @@ WALL_CLOCK_KEY = re.compile("(" + "|".join(re.escape(s) for s in TIMING_FIELD_SU
 REPORT_COLUMNS = re.compile(r"time \(s\)|tok/s")   # report.md table columns of timings
 # report.md names the git commit it ran from; each scratch copy has its own first commit.
 REPORT_COMMIT = re.compile(r"^- git commit: [0-9a-f]{40}$", re.M)
+# "What these models are" says how long each model trained ("for 5.0 minutes", "for 40 s").
+REPORT_DURATION = re.compile(r"\bfor [0-9.]+ (s|minutes)\b")
 
 
 def strip_wall_clock(obj):
@@ -49,6 +51,7 @@ def strip_wall_clock(obj):
 
 def normalise_report(text: str) -> str:
     text = REPORT_COMMIT.sub("- git commit: <commit>", text)
+    text = REPORT_DURATION.sub("for <t>", text)
     out, masked = [], set()
     for line in text.splitlines():
         if line.startswith("|"):
@@ -125,7 +128,7 @@ def test_two_clean_runs_produce_identical_outs(two_runs):
     outs_a, outs_b = lock_outs(a), lock_outs(b)
     assert set(outs_a) == set(outs_b)
     lock_a = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
-    assert list(lock_a) == list(STAGES)
+    assert list(lock_a) == ["params", *STAGES]
     identical = [p for p in outs_a if outs_a[p] == outs_b[p]]
     differing = [p for p in outs_a if outs_a[p] != outs_b[p]]
     # Every model, tokenizer, token file, corpus split, loss curve and plot is byte-identical.
@@ -157,7 +160,8 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     (a, env_a), (b, env_b) = two_runs[0]
     log = two_runs[1][1].stdout + two_runs[1][1].stderr
     warnings = re.findall(r"^WARNING: lmpipe: MLflow unavailable for stage '(\w+)'", log, re.M)
-    assert sorted(warnings) == sorted(STAGES), warnings        # each stage warned exactly once
+    # each stage warned exactly once, the params check too, and so did its pipeline run
+    assert sorted(warnings) == sorted([*STAGES, "params", "pipeline"]), warnings
     for stage in STAGES:
         assert (b / "metrics" / f"{stage}.json").is_file()
     # The first run, with its store up, logged one run per stage.
@@ -166,7 +170,7 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
     exp = client.get_experiment_by_name("lmpipe")
     names = sorted(r.data.tags["dvc_stage"] for r in client.search_runs([exp.experiment_id]))
-    assert names == sorted(STAGES)
+    assert names == sorted([*STAGES, "params", "pipeline"])   # one pipeline run, its stage runs
 
     store = f"sqlite:///{b / 'mlflow-after.db'}"
     proc = run(["lmpipe", "sync-mlflow"], b, {**env_b, "MLFLOW_TRACKING_URI": store})
@@ -174,6 +178,7 @@ def test_mlflow_down_stages_warn_once_and_sync_mlflow_records_the_metrics(two_ru
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("lmpipe")
     (synced,) = client.search_runs([exp.experiment_id], "tags.`lmpipe.sync` = 'true'")
+    assert synced.data.params["pretrain.train.max_steps"] == "8"    # the whole params.yaml
     pretrain = json.loads((b / "metrics" / "pretrain.json").read_text())
     logged = synced.data.metrics
     match = [k for k in logged if k.endswith("val_bpb") and "pretrain" in k]

@@ -8,13 +8,21 @@ merged weights (data/models/lora/merged/, equal to base + adapter).
 from __future__ import annotations
 
 import argparse
+import textwrap
 import sys
 
-from lmpipe.cli.common import check_sampling_args, model_source
+from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, describe_model, model_source
+from lmpipe.cli.text_out import HoldingTokenizer, dropped_note
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import CHAT_MODELS, DEFAULT_SYSTEM_PROMPT
 
 QUIT = ("/quit", "/exit")
+EPILOG = """\
+examples:
+  lmpipe chat --model lora
+  lmpipe chat --model sft --prompt "Give three tips for staying healthy." --temperature 0
+
+""" + MODELS_NOTE
 HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
 
@@ -22,11 +30,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "chat",
         help="chat with the SFT or LoRA model (interactive, or one answer with --prompt)",
-        description="Answer prompts with an instruction-tuned model through the chat template "
-        "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").",
-        epilog='examples:\n  lmpipe chat --model lora\n'
-               '  lmpipe chat --model sft --prompt "Give three tips for staying healthy." '
-               '--temperature 0',
+        description=textwrap.fill("Answer prompts with an instruction-tuned model through the chat template "
+        "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").", width=88),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="sft",
@@ -60,7 +66,7 @@ def run(args) -> int:
     check_sampling_args(args)
     src = model_source(args.model, CHAT_MODELS)
     folder = src.folder
-    tok = Tokenizer.load(src.tokenizer)
+    tok = HoldingTokenizer(Tokenizer.load(src.tokenizer))   # never a U+FFFD for a cut character
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_model(folder, device=device)
     system = args.system if args.system is not None else info.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
@@ -76,12 +82,16 @@ def run(args) -> int:
             seed=args.seed + turn, device=device)
 
     if args.prompt is not None:
+        print(describe_model(args.model), file=sys.stderr)
         print(answer(args.prompt, (), 0))
+        if tok.dropped:
+            print(f"lmpipe chat: {dropped_note(tok.dropped)}", file=sys.stderr)
         return 0
 
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"lmpipe chat ({args.model}, {folder}); {HELP}", file=sys.stderr)
+        print(describe_model(args.model), file=sys.stderr)
     history: list[tuple[str, str]] = []
     turn = 0
     while True:

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
+import sys
 
-from lmpipe.cli.common import check_sampling_args, model_source
+from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, model_source
+from lmpipe.cli.text_out import clean_continuation, dropped_note
 from lmpipe.core.names import MODELS
+
+EPILOG = """\
+examples:
+  lmpipe generate --model transformer --prompt "ROMEO:" --max-new-tokens 100 --top-p 0.9
+  lmpipe generate --model ngram --prompt "First Citizen:" --temperature 0.8
+
+""" + MODELS_NOTE
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="sample text from a trained model",
-        description="Sample a continuation of PROMPT from a trained model under data/models/.",
-        epilog='example: lmpipe generate --model transformer --prompt "ROMEO:" --max-new-tokens 100 --top-p 0.9',
+        description=textwrap.fill("Sample a continuation of PROMPT from a trained model under data/models/.", width=88),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True,
@@ -49,5 +59,8 @@ def run(args) -> int:
             repetition_penalty=args.repetition_penalty, seed=args.seed,
             tokenizer_path=src.tokenizer,
         )
+    text, dropped = clean_continuation(text, args.prompt)
     print(text)  # generate_text returns the prompt and its continuation
+    if dropped:
+        print(f"lmpipe generate: {dropped_note(dropped)}", file=sys.stderr)
     return 0

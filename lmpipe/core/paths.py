@@ -74,6 +74,11 @@ def reports_dir() -> Path:
     return project_root() / "reports"
 
 
+def params_stamp() -> Path:
+    """The out of the `params` stage that every other stage depends on (see stages/params.py)."""
+    return scratch_dir() / "params-checked"
+
+
 def scratch_dir() -> Path:
     """Git-ignored working space of the stages (downloads, temporary extraction, logs)."""
     return project_root() / ".lmpipe"

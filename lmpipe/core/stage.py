@@ -8,6 +8,8 @@ import traceback
 from typing import Callable
 
 from lmpipe.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, InputError
+from lmpipe.core.last_good import report_restored, restore_file_outs
+from lmpipe.core.names import DVC_STAGE_ENV
 from lmpipe.core.params import Params, load_params
 from lmpipe.core.paths import project_root
 
@@ -45,11 +47,28 @@ def run_stage(name: str, main: Callable[[Params], None], argv: list[str] | None 
     """Load params.yaml, run `main(params)`, map failures to the project's exit codes.
 
     Bad input (InputError) exits 2 with `stage NAME: message`; anything else exits 1 with
-    the traceback. Params are validated before any work starts.
+    the traceback. Params are validated before any work starts. A stage that DVC started and
+    that fails puts back its last good files (lmpipe/core/last_good.py): DVC deleted them
+    before the command ran, and dvc.lock still describes them.
     """
+    code = _run(name, main)
+    if code != EXIT_OK and os.environ.get(DVC_STAGE_ENV) == name and "LOCAL_RANK" not in os.environ:
+        line = report_restored(name, *restore_file_outs(name))
+        if line:
+            print(line, file=sys.stderr)
+    return code
+
+
+def _run(name: str, main: Callable[[Params], None]) -> int:
     params_file = os.environ.get("LMPIPE_PARAMS", str(project_root() / "params.yaml"))
     try:
-        params = load_params(params_file)
+        try:
+            params = load_params(params_file)
+        except InputError as err:
+            print(f"stage {name}: error: {err}", file=sys.stderr)
+            print(f"stage {name}: fix params.yaml (`git diff params.yaml` shows what changed)",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
         train = getattr(getattr(params, name, None), "train", None)
         code = relaunch_distributed(name, getattr(train, "nproc_per_node", 1))
         if code is not None:

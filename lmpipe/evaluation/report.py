@@ -41,6 +41,7 @@ class ReportData:
     tokens_meta: dict[str, Any] = field(default_factory=dict)     # data/tokens/meta.json
     split: str = "test"
     scoring: str = ""                                  # how the neural models were scored
+    descriptions: dict[str, str] = field(default_factory=dict)   # model_card.describe_model
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -120,7 +121,7 @@ def render_markdown(data: ReportData) -> str:
     if best is not None:
         lines += [f"Best model on the {data.split} split: **{best}** at "
                   f"{_fmt(data.results[best].get(f'{data.split}_bpb'), 4)} bits per byte.", ""]
-    for section in (_models_section, _tuned_section, _data_section, _tokenizer_section,
+    for section in (_what_section, _models_section, _tuned_section, _data_section, _tokenizer_section,
                     _environment_section, _samples_section):
         lines += section(data)
     return "\n".join(lines).rstrip() + "\n"
@@ -129,6 +130,13 @@ def render_markdown(data: ReportData) -> str:
 def _best(data: ReportData) -> str | None:
     return min(data.results, key=lambda m: data.results[m].get(f"{data.split}_bpb", math.inf),
                default=None)
+
+
+def _what_section(data: ReportData) -> list[str]:
+    if not data.descriptions:
+        return []
+    return (["## What these models are", ""] + [f"- {d}" for d in data.descriptions.values()]
+            + [""])
 
 
 def _models_section(data: ReportData) -> list[str]:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -54,9 +53,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from lmpipe.core.console import note
+from lmpipe.core.console import note, progress
 from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import MetricLogger, NullLogger
 from lmpipe.core.names import IGNORE_INDEX
@@ -394,9 +392,9 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         self.resume()
         self.model.train()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name, unit="step",
-                   disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
+        bar = progress(total=self.max_steps, initial=self.step, desc=self.name, unit="step",
+                       disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
+                       mininterval=1.0)
         clock = _SessionClock(self.elapsed, self.step)
         window: list[float] = [h["train_loss"] for h in self.history[-cfg.log_every:]]
         try:

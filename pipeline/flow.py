@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +305,9 @@ def _open_parent_run(root: Path, experiment: str, params_file: str | None):
 
 def _flow_run_id() -> str | None:
     try:
-        from prefect.runtime import flow_run  # deferred: only meaningful inside a flow run
+        from prefect.runtime import (
+            flow_run,  # deferred: only meaningful inside a flow run
+        )
 
         return flow_run.id
     except Exception:  # pragma: no cover
@@ -376,7 +377,9 @@ def run_stages(
 
 def publish_markdown(markdown: str, key: str = "lmpipe-metrics") -> None:
     try:
-        from prefect.artifacts import create_markdown_artifact  # deferred: needs a flow run
+        from prefect.artifacts import (
+            create_markdown_artifact,  # deferred: needs a flow run
+        )
 
         create_markdown_artifact(markdown=markdown, key=key,
                                  description="lmpipe: metrics of the pipeline run")

@@ -25,7 +25,13 @@ from prefect.cache_policies import NO_CACHE
 from lmpipe.core.git import git_state
 from lmpipe.core.paths import project_root
 from lmpipe.tracking.registry import promote_models
-from pipeline.flow import load_flow_params, pipeline_body, publish_markdown, root_env, run_logger
+from pipeline.flow import (
+    load_flow_params,
+    pipeline_body,
+    publish_markdown,
+    root_env,
+    run_logger,
+)
 from pipeline.graph import read_stage_graph
 from pipeline.lock import RunLock
 from pipeline.remote import commit_to_branch, dvc_push, git_tracked_outs

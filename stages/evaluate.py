@@ -24,7 +24,13 @@ from lmpipe.core.names import (
     SOURCE_FILE,
 )
 from lmpipe.core.params import EvaluateParams, Params
-from lmpipe.core.paths import corpus_dir, metrics_path, model_dir, plots_dir, reports_dir
+from lmpipe.core.paths import (
+    corpus_dir,
+    metrics_path,
+    model_dir,
+    plots_dir,
+    reports_dir,
+)
 from lmpipe.core.records import (
     read_json,
     read_loss_csv,

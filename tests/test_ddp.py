@@ -86,10 +86,9 @@ def test_ddp_gradient_is_the_mean_over_ranks_with_plain_sgd(tmp_path):
     """Plain SGD, no clipping (tests/helpers/ddp_sgd.py): the weights move by lr x gradient,
     so two ranks must follow one process with the doubled batch step for step; a gradient
     summed over ranks, or scaled by any constant, would not."""
+    from lmpipe.models.store import build_model
     from tests.helpers.ddp_sgd import CONFIG
     from tests.helpers.trainer import REPO
-
-    from lmpipe.models.store import build_model
 
     env = stage_env(tmp_path)
     two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

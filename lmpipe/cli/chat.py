@@ -8,10 +8,15 @@ merged weights (data/models/lora/merged/, equal to base + adapter).
 from __future__ import annotations
 
 import argparse
-import textwrap
 import sys
+import textwrap
 
-from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, describe_model, model_source
+from lmpipe.cli.common import (
+    MODELS_NOTE,
+    check_sampling_args,
+    describe_model,
+    model_source,
+)
 from lmpipe.cli.text_out import HoldingTokenizer, dropped_note
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import CHAT_MODELS, DEFAULT_SYSTEM_PROMPT

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 import json
 import re
+import textwrap
 from pathlib import Path
 
 from lmpipe.core.paths import project_root, scratch_dir

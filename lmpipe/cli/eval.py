@@ -67,7 +67,9 @@ def run(args) -> int:
         pick_device,
         score_text,
     )
-    from lmpipe.tokenizer.model import Tokenizer  # deferred: the library, with the above
+    from lmpipe.tokenizer.model import (
+        Tokenizer,  # deferred: the library, with the above
+    )
 
     for name in ("stride", "rnn_context", "batch_size"):
         value = getattr(args, name)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 import sys
+import textwrap
 
 from lmpipe.cli.common import MODELS_NOTE, check_sampling_args, model_source
 from lmpipe.cli.text_out import clean_continuation, dropped_note

@@ -123,8 +123,8 @@ def publish_language_model(stage: str, model: nn.Module, result: TrainResult, da
     logger.set_tags({"stopped_by": result.stopped_by, "selected_step": result.selected_step})
     for f in (*plot_files.values(), out_dir / MODEL_CONFIG_FILE):
         logger.log_artifact(f)
-    note(f"{stage}: step {metrics['selected_step']} of {metrics['steps']} published (stopped "
-         f"by {result.stopped_by}); val loss {metrics['val_loss']:.4f} nats/token, "
+    note(f"{stage}: published the weights of step {metrics['selected_step']} of "
+         f"{metrics['steps']} (stopped by {result.stopped_by}); val loss {metrics['val_loss']:.4f} nats/token, "
          f"{metrics['val_bpb']:.4f} bits/byte; {metrics['tokens_seen']:,} tokens in "
          f"{metrics['train_seconds']:.0f} s ({metrics['tokens_per_second']:,.0f} tok/s)")
     return written

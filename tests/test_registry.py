@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from lmpipe.cli.main import main
+from lmpipe.cli.text_out import HoldingTokenizer, display_text
 from lmpipe.core.files import md5_file
 from lmpipe.models.sampling import generate_reply, generate_text
 from lmpipe.models.store import build_model, load_model, save_model
@@ -265,7 +266,8 @@ def test_generate_loads_exactly_the_champion(registered, capsys):
 
     new = generate(old["transformer"], [old_tok.eos_id] + ids, 12, temperature=0.0,
                    stop_ids=(old_tok.eos_id,))
-    assert out == old_tok.decode(ids + new) + "\n"
+    # printed as the CLI prints generated text: bytes that form no character are held back
+    assert out == display_text(old_tok, ids + new)[0] + "\n"
     local = generate_text(root / "data" / "models" / "transformer", "Shout: apple",
                           max_new_tokens=12, temperature=0.0, device="cpu")
     assert out != local + "\n"                       # not the checkout's model or tokenizer
@@ -281,7 +283,8 @@ def test_chat_and_eval_load_registered_models(registered, capsys, tmp_path):
                                    "Shout: apple", "--temperature", "0", "--max-new-tokens", "8",
                                    "--repetition-penalty", "1.0"])
     assert code == 0, err
-    assert out == generate_reply(old["lora"], old_tok, "Shout: apple", max_new_tokens=8,
+    assert out == generate_reply(old["lora"], HoldingTokenizer(old_tok), "Shout: apple",
+                                 max_new_tokens=8,
                                  temperature=0.0, repetition_penalty=1.0) + "\n"
     text = tmp_path / "t.txt"
     text.write_text("Shout: apple river\nAPPLE RIVER!\n")

@@ -115,7 +115,7 @@ def test_gpu_marked_tests_are_deselected_and_listed_without_cuda():
                            "tests/test_gpu.py"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 5, proc.stdout[-2000:]          # pytest: no test ran
-    listed = [line for line in proc.stdout.splitlines() if line.startswith("deselected (gpu)")]
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("DESELECTED ")]
     assert len(listed) == 5 and "passed" not in proc.stdout
     assert "5 deselected" in proc.stdout
 

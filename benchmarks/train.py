@@ -1,23 +1,29 @@
-"""Training and generation speed on this machine, in one run (prints a table).
+"""Speed toward the hardware limit, in one run: training, generation, scoring (prints a table).
 
-    python benchmarks/train.py                  # the default profile's Transformer
-    python benchmarks/train.py --profile smoke --steps 3 --json out.json
+    python benchmarks/train.py                  # the default profile's Transformer, ~3-6 min
+    python benchmarks/train.py --no-compile     # skip the torch.compile measurement
+    python benchmarks/train.py --profile smoke --steps 2 --no-compile --json out.json
+    python benchmarks/train.py --device cuda    # on a GPU (benchmarks/gpu.sh runs it)
 
-Measures, in the same process one after the other:
-  * the bf16 and fp32 peaks of a 2048x2048 matmul (best of several);
-  * the shared trainer's tokens/s on the profile's `pretrain` Transformer (`Trainer.train_step`:
-    forward, backward, clipping, AdamW), bf16 autocast and fp32, and the model FLOPs
-    utilisation (MFU) against the bf16 peak measured in this run. Peaks and steps are
-    interleaved round by round and the ratios are medians of per-round ratios, so a load
-    change on a shared machine hits both sides of each comparison alike:
-        FLOPs per token = 6 N + 12 n_layer d_model T     (PaLM / nanoGPT; attention's
-        causal half is not discounted; N counts every parameter once, tied ones included)
-  * KV-cache against no-cache generation of 256 new tokens (`lmpipe.models.sampling.generate`,
-    greedy, fp32).
-Targets (issue 4): bf16 training >= 2.5x fp32, MFU >= 20%, cached generation >= 5x.
-
-Throughput on a shared machine swings with the load of other processes: the table reports
-the 1-minute load average before and after, and every timing is the best of its repeats.
+Measures, in the same process one after the other, on the profile's `pretrain` Transformer:
+  * the bf16 and fp32 peaks of a square matmul (2048 on a CPU, 8192 on a GPU);
+  * the shared trainer's step (`Trainer.train_step`: forward, backward, clipping, Muon/AdamW,
+    the profile's batch_size x grad_accum) under bf16 autocast and in fp32, and the model
+    FLOPs utilisation (MFU) against the bf16 peak of this run. Peaks and steps are
+    interleaved round by round and ratios are medians of per-round ratios, so a load change
+    on a shared machine hits both sides of each comparison alike:
+        FLOPs per token = 6 N + 12 n_layer d_model T     (PaLM appendix B; N = the matrices,
+        the tied head once; attention's causal half is not discounted)
+  * where a bf16 step's time goes (torch.profiler, benchmarks/breakdown.py);
+  * torch.compile: the first step's cost, the steady speed-up, and when it is repaid against
+    the profile's budget (`max_seconds`, else `max_tokens` at the eager rate);
+  * generation of 256 tokens at batch 1, KV cache vs none, greedy, and the floor of a decode
+    step (the weights read once); evaluate's scoring in fp32 and bf16 and its bound at the
+    bf16 peak (benchmarks/inference.py).
+Targets (issue 13): MFU >= 30%; bf16/fp32 training >= half the bf16/fp32 matmul-peak ratio;
+cached generation >= 1500 tok/s and >= 5x uncached with identical greedy output; scoring
+>= 50,000 tok/s. Every ratio is printed next to its target, with the 1-minute load average
+before and after: throughput on a shared machine moves with other processes' load.
 """
 
 from __future__ import annotations
@@ -27,24 +33,30 @@ import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the stages do (see stages/pretrain.py)
-import platform
-import sys
-import time
-from pathlib import Path
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmpipe.core.params import TrainParams
+from breakdown import step_breakdown  # noqa: E402
+from inference import generation_speed, scoring_speed  # noqa: E402
+
+from lmpipe.core.params import TrainParams  # noqa: E402
 from lmpipe.core.profiles import profile_dict  # noqa: E402
 from lmpipe.data.batches import TokenBatches  # noqa: E402
-from lmpipe.models.store import build_model, count_parameters  # noqa: E402
-from lmpipe.train.runtime import Runtime, cpu_supports_bf16, resolve_device
+from lmpipe.models.store import build_model  # noqa: E402
+from lmpipe.train.runtime import Runtime, cpu_supports_bf16, resolve_device  # noqa: E402
 from lmpipe.train.trainer import Trainer  # noqa: E402
 
-TARGETS = {"bf16_speedup": 2.5, "mfu": 0.20, "cache_speedup": 5.0}
+TARGETS = {"mfu": 0.30, "bf16_share_of_peak_ratio": 0.5, "cache_tokens_per_s": 1500.0,
+           "cache_speedup": 5.0, "score_tokens_per_s": 50_000.0}
 
 
 def cpu_name() -> str:
@@ -57,32 +69,38 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of an n x n @ n x n matmul over `reps` repeats."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n @ n x n matmul (n = 2048 on a CPU, 8192 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
 
-def make_trainer(model_cfg: dict, train: TrainParams, context: int, precision: str,
-                 device: torch.device) -> Trainer:
+def make_trainer(model_cfg: dict, train: TrainParams, precision: str, device: torch.device,
+                 compile: bool = False) -> Trainer:
+    """The shared trainer on random tokens, with the profile's batch and optimizer."""
     torch.manual_seed(0)
     model = build_model("transformer", model_cfg)
+    context = model_cfg["context_length"]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_cfg["vocab_size"], size=context * train.batch_size * 64)
     dtype = torch.bfloat16 if precision == "bf16" else None
     rt = Runtime(device=device, dtype=dtype, threads=torch.get_num_threads())
-    cfg = train.model_copy(update={"precision": precision, "max_steps": 10**6,
+    cfg = train.model_copy(update={"precision": precision, "max_steps": 10**6, "compile": compile,
                                    "max_tokens": None, "max_seconds": None, "progress": False})
     trainer = Trainer(model, cfg, rt=rt,
                       batches=TokenBatches(tokens, context, train.batch_size, seed=0))
@@ -91,30 +109,26 @@ def make_trainer(model_cfg: dict, train: TrainParams, context: int, precision: s
 
 
 def timed_step(trainer: Trainer, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     t = time.perf_counter()
     trainer.train_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - t
 
 
-def training_speed(model_cfg: dict, train: TrainParams, context: int, device: torch.device,
-                   rounds: int, warmup: int = 2) -> dict:
+def training_speed(model_cfg: dict, train: TrainParams, device: torch.device, rounds: int,
+                   warmup: int = 2) -> dict:
     """Interleaved rounds of (bf16 peak, fp32 peak, one bf16 step, one fp32 step).
 
     Other processes' load changes from second to second on a shared machine; measuring the
     things we compare side by side, round after round, keeps the ratios honest. Ratios are
     medians over the rounds; the absolute figures are bests and medians.
     """
-    trainers = {p: make_trainer(model_cfg, train, context, p, device) for p in ("bf16", "fp32")}
-    n_params = count_parameters(trainers["bf16"].model)
+    trainers = {p: make_trainer(model_cfg, train, p, device) for p in ("bf16", "fp32")}
     for _ in range(warmup):
         for tr in trainers.values():
             tr.train_step()
-    L, d = model_cfg["n_layer"], model_cfg["d_model"]
-    flops_per_token = 6 * n_params + 12 * L * d * context
+    flops_per_token = trainers["bf16"].model.flops_per_token()
     tok = trainers["bf16"].tokens_per_step
     rows = []
     for _ in range(rounds):
@@ -124,41 +138,128 @@ def training_speed(model_cfg: dict, train: TrainParams, context: int, device: to
         row["fp32_s"] = timed_step(trainers["fp32"], device)
         rows.append(row)
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    out = {"params": n_params, "tokens_per_step": tok, "flops_per_token": flops_per_token,
-           "rounds": rows,
+    out = {"tokens_per_step": tok, "flops_per_token": flops_per_token, "rounds": rows,
            "peak_gflops": {"bf16": max(r["peak_bf16"] for r in rows),
-                           "fp32": max(r["peak_fp32"] for r in rows)}}
+                           "fp32": max(r["peak_fp32"] for r in rows)},
+           "peak_ratio": med([r["peak_bf16"] / r["peak_fp32"] for r in rows])}
     for p in ("bf16", "fp32"):
         times = [r[f"{p}_s"] for r in rows]
         out[f"train_{p}"] = {"tokens_per_s": tok / min(times), "tokens_per_s_median": tok / med(times),
                              "achieved_gflops": flops_per_token * tok / min(times) / 1e9}
     out["bf16_speedup"] = med([r["fp32_s"] / r["bf16_s"] for r in rows])
+    out["bf16_speedup_target"] = TARGETS["bf16_share_of_peak_ratio"] * out["peak_ratio"]
     out["mfu"] = med([flops_per_token * tok / r["bf16_s"] / 1e9 / r["peak_bf16"] for r in rows])
     out["mfu_best"] = out["train_bf16"]["achieved_gflops"] / out["peak_gflops"]["bf16"]
-    return out
+    return out, trainers["bf16"]
 
 
-def generation_speed(model_cfg: dict, device: torch.device, new_tokens: int = 256,
-                     prompt_len: int = 8, rounds: int = 2) -> dict:
-    """Greedy generation with and without the KV cache, alternated; the ratio is the median."""
-    from lmpipe.models.sampling import generate
+def compile_cost(model_cfg: dict, train: TrainParams, device: torch.device, eager: Trainer,
+                 rounds: int = 3) -> dict:
+    """torch.compile on the bf16 step: first-step cost, steady speed-up, when it is repaid.
 
-    torch.manual_seed(0)
-    model = build_model("transformer", model_cfg).to(device).eval()
-    prompt = list(range(3, 3 + prompt_len))
-    generate(model, prompt, 8, temperature=0.0, device=device)   # warm-up
-    times: dict[str, list[float]] = {"cache": [], "no_cache": []}
-    n_out = new_tokens
-    for _ in range(rounds):
-        for use_cache in (True, False):
-            t = time.perf_counter()
-            ids = generate(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache,
-                           device=device)
-            times["cache" if use_cache else "no_cache"].append(time.perf_counter() - t)
-            n_out = len(ids)
-    out = {k: {"seconds": min(v), "tokens_per_s": n_out / min(v)} for k, v in times.items()}
-    out["speedup"] = float(np.median([b / a for a, b in zip(times["cache"], times["no_cache"])]))
-    return out
+    The compiled run starts `extra` seconds behind (its first step minus a compiled step),
+    then gains (1 - 1/s) of every second, s = eager step / compiled step: it has trained as
+    many tokens as the eager run at t = extra * s / (s - 1), and is ahead from then on.
+    A cold start, as a user's first run: Inductor's cache (kept under /tmp) starts empty.
+    """
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="lmpipe-inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            compiled = make_trainer(model_cfg, train, "bf16", device, compile=True)
+            first = timed_step(compiled, device)
+            times: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for _ in range(rounds):
+                times["eager"].append(timed_step(eager, device))
+                times["compiled"].append(timed_step(compiled, device))
+        finally:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            if saved is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+    e, c = float(np.median(times["eager"])), float(np.median(times["compiled"]))
+    speedup = e / c
+    extra = max(0.0, first - c)
+    repaid = extra * speedup / (speedup - 1) if speedup > 1 else float("inf")
+    return {"first_step_s": first, "eager_step_s": e, "compiled_step_s": c, "speedup": speedup,
+            "repaid_after_s": repaid}
+
+
+def default_budget_s(train: TrainParams, eager_tokens_per_s: float) -> float:
+    """The profile's training budget in seconds: max_seconds, else its tokens at this rate."""
+    tokens = [train.max_tokens] if train.max_tokens else []
+    by_tokens = tokens[0] / eager_tokens_per_s if tokens else float("inf")
+    return min(train.max_seconds or float("inf"), by_tokens)
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def table(res: dict, width: int = 34) -> str:
+    """The result as rows of (measure | result | target | met), then the step breakdown."""
+    tb, tf, g, sc = res["train_bf16"], res["train_fp32"], res["generation"], res["scoring"]
+    m, t = res["model"], TARGETS
+    n_new = g["new_tokens"]
+    score_key = "bfloat16" if res["device"] == "cuda" or res["cpu_native_bf16"] else "float32"
+    rows = [
+        ("machine", f"{res['cpu']} | {res['device']} | {res['threads']} threads | torch "
+                    f"{res['torch']} | load {res['load_before']:.1f} -> {res['load_after']:.1f}", "", ""),
+        ("model", f"Transformer {m['n_layer']}x{m['d_model']}, {m['n_head']} heads, "
+                  f"T={m['context_length']}, vocab {m['vocab_size']}, {res['params']:,} params; "
+                  f"batch {res['batch_size']}x{res['grad_accum']}", "", ""),
+        ("matmul peak bf16 / fp32", f"{res['peak_gflops']['bf16']:.0f} / {res['peak_gflops']['fp32']:.0f}"
+                                    f" GFLOP/s ({res['peak_ratio']:.2f}x)", "", ""),
+        ("train bf16", f"{tb['tokens_per_s']:,.0f} tok/s (median {tb['tokens_per_s_median']:,.0f}), "
+                       f"{tb['achieved_gflops']:.0f} GFLOP/s", "", ""),
+        ("train fp32", f"{tf['tokens_per_s']:,.0f} tok/s (median {tf['tokens_per_s_median']:,.0f}), "
+                       f"{tf['achieved_gflops']:.0f} GFLOP/s", "", ""),
+        ("bf16 / fp32 training", f"{res['bf16_speedup']:.2f}x",
+         f">= {res['bf16_speedup_target']:.2f}x (half the peak ratio)",
+         _yes(res["bf16_speedup"] >= res["bf16_speedup_target"])),
+        ("MFU vs bf16 peak", f"{100 * res['mfu']:.1f}% (best step / best peak "
+                             f"{100 * res['mfu_best']:.1f}%)", f">= {100 * t['mfu']:.0f}%",
+         _yes(res["mfu"] >= t["mfu"])),
+    ]
+    if "compile" in res:
+        c = res["compile"]
+        rows.append(("torch.compile (train.compile)",
+                     f"first step {c['first_step_s']:.0f} s, then {c['speedup']:.2f}x eager: "
+                     f"repaid after {c['repaid_after_s']:.0f} s",
+                     f"repaid within the {c['budget_s']:.0f} s budget",
+                     "yes: turn on" if c["repaid"] else "no: keep off"))
+    rows += [
+        (f"generate {n_new}, KV cache", f"{g['cache']['tokens_per_s']:,.0f} tok/s "
+                                        f"(median {g['cache']['tokens_per_s_median']:,.0f}; "
+                                        f"{g['cache']['tokens_per_cpu_s']:,.0f} per CPU-second)",
+         f">= {t['cache_tokens_per_s']:,.0f} tok/s", _yes(g["cache"]["tokens_per_s"] >= t["cache_tokens_per_s"])),
+        ("  floor: weights read once/token", f"{g['floor_tokens_per_s']:,.0f} tok/s "
+                                             f"({g['weight_mbytes']:.1f} MB of matrices per token "
+                                             f"at {g['weight_gbytes_per_s']:.1f} GB/s)",
+         "bound", ""),
+        (f"generate {n_new}, no cache", f"{g['no_cache']['tokens_per_s']:,.0f} tok/s", "", ""),
+        ("cache speed-up", f"{g['speedup']:.2f}x", f">= {t['cache_speedup']:.0f}x",
+         _yes(g["speedup"] >= t["cache_speedup"])),
+        ("greedy output, cache vs none", f"{'identical' if g['identical'] else 'DIFFERENT'} "
+                                         f"({n_new} tokens, {g['distinct_tokens']} distinct)",
+         "identical", _yes(g["identical"])),
+        (f"score (evaluate), {score_key}", f"{sc[score_key]['tokens_per_s']:,.0f} tok/s (batch "
+                                           f"{sc['batch_size']}; fp32 {sc['float32']['tokens_per_s']:,.0f})",
+         f">= {t['score_tokens_per_s']:,.0f} tok/s", _yes(sc[score_key]["tokens_per_s"] >= t["score_tokens_per_s"])),
+        ("  bound: bf16 peak / FLOPs", f"{sc['bound_tokens_per_s']:,.0f} tok/s "
+                                       f"({sc['forward_flops_per_token'] / 1e6:.1f} MFLOP/token; "
+                                       f"{t['score_tokens_per_s']:,.0f} tok/s needs "
+                                       f"{100 * t['score_tokens_per_s'] / sc['bound_tokens_per_s']:.0f}% of peak)",
+         "bound", ""),
+    ]
+    lines = [f"{'measure'.ljust(width)} | {'result'.ljust(62)} | {'target'.ljust(34)} | met",
+             f"{'-' * width}-|-{'-' * 62}-|-{'-' * 34}-|----"]
+    lines += [f"{a.ljust(width)} | {b.ljust(62)} | {c.ljust(34)} | {d}" for a, b, c, d in rows]
+    if res.get("breakdown"):
+        lines += ["", f"where a bf16 training step's time goes (torch.profiler, "
+                      f"{res['tokens_per_step']:,} tokens/step):"]
+        lines += [f"  {part.ljust(44)} {ms:8.1f} ms  {100 * share:5.1f}%"
+                  for part, ms, share in res["breakdown"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
 
@@ -180,53 +282,28 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     params = profile_dict(args.profile)
     pre = params["pretrain"]
-    vocab = args.vocab or params["tokenizer"]["vocab_size"]
-    model_cfg = {"vocab_size": vocab, **pre["model"]}
+    model_cfg = {**pre["model"], "vocab_size": args.vocab or params["tokenizer"]["vocab_size"]}
     train = TrainParams(**pre["train"])
-    context = pre["model"]["context_length"]
-    load0 = os.getloadavg()[0]
-
-    res: dict = {"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+    res: dict = {"device": device.type, "cpu": cpu_name(), "threads": torch.get_num_threads(),
                  "torch": torch.__version__, "profile": args.profile, "model": model_cfg,
                  "batch_size": train.batch_size, "grad_accum": train.grad_accum,
-                 "cpu_native_bf16": cpu_supports_bf16(), "load_before": load0}
-    speed = training_speed(model_cfg, train, context, device, args.steps)
-    rounds = speed.pop("rounds")
+                 "cpu_native_bf16": cpu_supports_bf16(), "load_before": os.getloadavg()[0]}
+    if device.type == "cuda":
+        res["cpu"] = f"{torch.cuda.get_device_name(device)} (host: {res['cpu']})"
+    speed, eager = training_speed(model_cfg, train, device, args.steps)
     res.update(speed)
-    res["rounds"] = rounds
+    res["params"] = sum(p.numel() for p in eager.model.parameters())
+    res["breakdown"] = step_breakdown(eager, steps=2)
+    if not args.no_compile:
+        c = compile_cost(model_cfg, train, device, eager)
+        c["budget_s"] = default_budget_s(train, res["train_bf16"]["tokens_per_s_median"])
+        c["repaid"] = c["repaid_after_s"] < c["budget_s"]
+        res["compile"] = c
     res["generation"] = generation_speed(model_cfg, device, args.new_tokens)
+    evaluate_batch = params["evaluate"]["batch_size"]
+    res["scoring"] = scoring_speed(model_cfg, device, evaluate_batch, res["peak_gflops"]["bf16"])
     res["load_after"] = os.getloadavg()[0]
-    res["cache_speedup"] = res["generation"]["speedup"]
-
-    tb, tf, g = res["train_bf16"], res["train_fp32"], res["generation"]
-    rows = [
-        ("machine", f"{res['cpu']} | {res['device']} | {res['threads']} threads | "
-                    f"torch {res['torch']} | load {load0:.1f} -> {res['load_after']:.1f}"),
-        ("model", f"Transformer {pre['model']['n_layer']}x{pre['model']['d_model']}, "
-                  f"{pre['model']['n_head']} heads, T={context}, vocab {vocab}, "
-                  f"{res['params']:,} params; batch {train.batch_size}x{train.grad_accum}"),
-        ("matmul 2048 bf16 peak", f"{res['peak_gflops']['bf16']:8.1f} GFLOP/s"),
-        ("matmul 2048 fp32 peak", f"{res['peak_gflops']['fp32']:8.1f} GFLOP/s"),
-        ("train bf16", f"{tb['tokens_per_s']:8.0f} tok/s (median {tb['tokens_per_s_median']:.0f}); "
-                       f"{tb['achieved_gflops']:.1f} GFLOP/s"),
-        ("train fp32", f"{tf['tokens_per_s']:8.0f} tok/s (median {tf['tokens_per_s_median']:.0f}); "
-                       f"{tf['achieved_gflops']:.1f} GFLOP/s"),
-        ("bf16 / fp32 training", f"{res['bf16_speedup']:8.2f}x   (target >= {TARGETS['bf16_speedup']}x)"),
-        ("MFU vs bf16 peak", f"{100 * res['mfu']:8.1f}%   (target >= {100 * TARGETS['mfu']:.0f}%; "
-                             f"best step vs best peak {100 * res['mfu_best']:.1f}%)"),
-        (f"generate {args.new_tokens}, KV cache", f"{g['cache']['tokens_per_s']:8.1f} tok/s "
-                                                 f"({g['cache']['seconds']:.2f} s)"),
-        (f"generate {args.new_tokens}, no cache", f"{g['no_cache']['tokens_per_s']:8.1f} tok/s "
-                                                 f"({g['no_cache']['seconds']:.2f} s)"),
-        ("cache speed-up", f"{res['cache_speedup']:8.2f}x   (target >= {TARGETS['cache_speedup']}x)"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"{'measure'.ljust(width)} | result")
-    print(f"{'-' * width}-|-{'-' * 60}")
-    for k, v in rows:
-        print(f"{k.ljust(width)} | {v}")
-    met = {k: res[k] >= v for k, v in TARGETS.items()}
-    print("targets met: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in met.items()))
+    print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
     return 0

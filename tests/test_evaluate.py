@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from lmpipe.evaluation.scoring import (
     Score,
     ids_and_bytes,
     load_for_scoring,
+    resolve_dtype,
     sample_documents,
     score_ids,
     score_text,
@@ -195,6 +196,63 @@ def test_sliding_window_equals_scoring_each_token_from_its_window(assets, test_i
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- precision
+def _trained_transformer(tok, mirror, steps: int = 100) -> tuple[nn.Module, np.ndarray, int]:
+    """A Transformer trained by the project's trainer (Muon, bf16 autocast, as `pretrain`)
+    on 400 kB of TinyShakespeare, with the next 40 kB as its held-out split and their bytes."""
+    from lmpipe.core.params import TrainParams
+    from lmpipe.data.batches import TokenBatches
+    from lmpipe.train.runtime import Runtime
+    from lmpipe.train.trainer import Trainer
+
+    text = (mirror / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    train_text, held_out = text[:400_000], text[400_000:440_000]
+    torch.manual_seed(0)
+    model = build_model("transformer", dict(vocab_size=tok.vocab_size, context_length=128,
+                                            n_layer=2, n_head=4, d_model=128))
+    if steps:
+        cfg = TrainParams(optimizer="muon", lr=6e-3, min_lr=6e-4, warmup_steps=10,
+                          batch_size=16, max_steps=steps, eval_every=1000, progress=False,
+                          precision="bf16")
+        batches = TokenBatches(tok.encode_documents([train_text]), 128, 16, seed=0)
+        rt = Runtime(torch.device("cpu"), torch.bfloat16, threads=torch.get_num_threads())
+        Trainer(model, cfg, batches=batches, rt=rt).fit()
+    return model.eval(), tok.encode_documents([held_out]), len(held_out.encode("utf-8"))
+
+
+def test_bf16_scoring_stays_within_1e3_bits_per_byte_of_fp32(tok, mirror, tmp_path):
+    """evaluate.dtype auto scores Transformers in bf16 where the hardware has it: allowed only
+    because a trained model's bits per byte move by less than 1e-3 (issue 13)."""
+    scores = {}
+    for name, steps in (("untrained", 0), ("trained", 100)):
+        model, ids, n_bytes = _trained_transformer(tok, mirror, steps)
+        save_model(model, tmp_path / name, "transformer", model.config.model_dump(mode="json"))
+        loaded = load_for_scoring(tmp_path / name)
+        scores[name] = [score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, dtype=dtype)
+                        for dtype in ("float32", "bfloat16")]
+    fp32, bf16 = scores["trained"]
+    assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    assert fp32.bpb < scores["untrained"][0].bpb - 0.5     # it learned: sharp predictions
+    assert bf16.bpb != fp32.bpb                            # bf16 really ran
+    assert abs(bf16.bpb - fp32.bpb) < 1e-3, (fp32.bpb, bf16.bpb)
+
+
+@pytest.mark.parametrize("native,want", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_never_for_recurrent_models(
+        monkeypatch, assets, test_ids, native, want):
+    from lmpipe.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "cpu_supports_bf16", lambda: native)
+    assert scoring.resolve_dtype("auto", "cpu") == want
+    assert scoring.resolve_dtype("float32", "cpu") == "float32"
+    ids = test_ids[:200]
+    tf = score_ids(load_for_scoring(assets / "data" / "models" / "transformer"), ids, 500,
+                   eos_id=2, dtype="auto")
+    rnn = score_ids(load_for_scoring(assets / "data" / "models" / "rnn"), ids, 500,
+                    eos_id=2, dtype="auto")
+    assert (tf.dtype, rnn.dtype) == (want, "float32")
+
+
 # ----------------------------------------------------------------------------- neural ppl
 def test_transformer_ppl_is_exp_of_the_mean_token_loss(eval_project, assets, tok, test_ids):
     """Independent: plain forward over consecutive context-length windows + cross-entropy."""
@@ -322,17 +380,21 @@ def index_after(found, docs, tail) -> int:
 def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):
     folder = eval_project / "data" / "models" / "transformer"
     text = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
-    score = score_text(folder, text, tokenizer=tok)
+    score = score_text(folder, text, tokenizer=tok, dtype="float32")
     ids = tok.encode_documents([text])
     assert ids[-1] == tok.eos_id and score.n_tokens == ids.size
     direct = score_windows(load_for_scoring(folder).model, ids, CTX, eos_id=tok.eos_id)
     assert score.total_nll == pytest.approx(direct, rel=1e-12)
+    # by default in evaluate's precision (auto: bf16 where the CPU has it), as the stage
+    auto = score_text(folder, text, tokenizer=tok)
+    assert auto.dtype == resolve_dtype("auto", "cpu")
+    assert auto.total_nll == score_ids(load_for_scoring(folder), ids, score.n_bytes,
+                                       eos_id=tok.eos_id, dtype="auto").total_nll
     assert score.n_bytes == len(text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- n-gram
 def test_ngram_ppl_equals_what_lmpipe_ngram_computes(eval_project, assets, tok, test_ids):
-    pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
     from lmpipe.ngram.model import NgramModel
 
     folder = eval_project / "data" / "models" / "ngram"
@@ -368,7 +430,7 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert list(metrics) == sorted(ALL)
     ids, n_bytes = ids_and_bytes("test", 400, tok)
     expected = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
-                         ids, n_bytes, eos_id=tok.eos_id)
+                         ids, n_bytes, eos_id=tok.eos_id, dtype=Params().evaluate.dtype)
     t = metrics["transformer"]
     assert t["test_ppl"] == pytest.approx(expected.ppl, rel=1e-5)
     assert t["test_bpb"] == pytest.approx(expected.bpb, rel=1e-5)
@@ -381,7 +443,8 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert metrics["lora"]["trainable_params"] == 512
 
     report = (eval_project / "reports" / "report.md").read_text()
-    assert "| model | stage | parameters | train time (s) | tokens seen | val ppl | test ppl |" in report
+    assert ("| model | stage | parameters | train time (s) | tokens seen | stopped by | "
+            "published step | val ppl | test ppl |") in report
     for name in ALL:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert f"{metrics[name]['test_bpb']:,.3f}" in row
@@ -394,6 +457,12 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert (f"| test | {test_split['documents']} | 9 | {test_split['bytes']:,} | "
             f"{test_split['tokens']:,} |") in report
     assert "## Samples" in report and "### transformer" in report and "ROMEO:" in report
+    what = report.split("## What these models are")[1].split("\n## ")[0]   # said plainly
+    for name in ALL:
+        assert f"- {name}: a" in what
+    assert "small demonstration model" in what and "instruction examples" in what
+    bpb_csv = (eval_project / "plots" / "evaluate" / "bits_per_byte.csv").read_text().splitlines()
+    assert bpb_csv[0] == "model,val_bpb,test_bpb" and len(bpb_csv) == 1 + len(ALL)   # DVC plot
     assert "### ngram" in report and "[no sample" not in report
     for png in ("loss_curves.png", "bits_per_byte.png"):
         data = (eval_project / "reports" / png).read_bytes()
@@ -473,13 +542,20 @@ def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_pa
     data = ReportData(
         results={"ngram": {"test_bpb": 2.0, "test_ppl": 30.0, "params": 5000},
                  "transformer": {"test_bpb": 1.5, "test_ppl": 12.0, "params": 100}},
-        stage_metrics={"transformer": {"train_seconds": 60.0, "tokens_seen": 1_000_000}},
+        stage_metrics={"transformer": {"train_seconds": 60.0, "tokens_seen": 1_000_000,
+                                       "stopped_by": "max_tokens", "selected_step": 300}},
     )
     files = write_report(tmp_path / "reports", data)
     report = files["report"].read_text()
     assert "Best model on the test split: **transformer** at 1.5000 bits per byte." in report
-    assert "| ngram | ngram | 5,000 | - | - | - | 30.000 | 2.000 | +33.3% |" in report
-    assert "| transformer | pretrain | 100 | 60.000 | 1,000,000 | - | 12.000 | 1.500 | best |" in report
+    assert "| ngram | ngram | 5,000 | - | - | - | - | - | 30.000 | 2.000 | +33.3% |" in report
+    assert ("| transformer | pretrain | 100 | 60.000 | 1,000,000 | max_tokens | 300 | - | "
+            "12.000 | 1.500 | best |") in report
+    assert "max_seconds" not in report
+    # a model stopped by the wall clock is flagged: it is not reproducible
+    data.stage_metrics["transformer"]["stopped_by"] = "max_seconds"
+    report = write_report(tmp_path / "again", data)["report"].read_text()
+    assert "**Warning**: transformer stopped on train.max_seconds" in report
     assert "SFT versus LoRA" not in report
     for key in ("loss", "bpb"):
         assert files[key].read_bytes().startswith(PNG_MAGIC)

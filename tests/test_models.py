@@ -11,7 +11,13 @@ import torch
 from lmpipe.core.errors import InputError
 from lmpipe.models.rnn import RNNLM, ElmanLayer
 from lmpipe.models.store import build_model, count_parameters, load_model, save_model
-from lmpipe.models.transformer import RMSNorm, Transformer, apply_rotary, rope_cos_sin
+from lmpipe.models.transformer import (
+    RMSNorm,
+    Transformer,
+    apply_rotary,
+    causal_attention,
+    rope_cos_sin,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +119,53 @@ def test_changing_a_future_token_never_changes_past_logits(make):
         new, _ = model(changed)
         assert torch.equal(new[:, :t], logits[:, :t]), f"position < {t} changed"
         assert not torch.allclose(new[:, t], logits[:, t]), "the changed token had no effect"
+
+
+# ----------------------------------------------------------------------------- attention
+def reference_attention(q, k, v):
+    """softmax(q k^T / sqrt(d) + M) v in float64, the last T of S positions as queries."""
+    q, k, v = q.double(), k.double(), v.double()
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    future = torch.arange(S)[None, :] > torch.arange(T)[:, None] + (S - T)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("T,S", [(12, 12), (1, 12), (5, 12)])   # square, decode step, chunk
+@pytest.mark.parametrize("dtype,grad,atol", [
+    (torch.float32, False, 1e-5),       # inference: F.scaled_dot_product_attention
+    (torch.float32, True, 1e-5),        # fp32 training: the same fused kernel
+    (torch.bfloat16, True, 3e-2),       # CPU bf16 training: the maths written out
+])
+def test_causal_attention_is_softmax_of_masked_scores_times_values(T, S, dtype, grad, atol):
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 8) for n in (T, S, S))
+    want = reference_attention(q, k, v)
+    qd, kd, vd = (t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v))
+    got = causal_attention(qd, kd, vd)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol)
+    if grad:   # the gradients of the two kernels agree too
+        w = torch.randn(want.shape, dtype=torch.float64)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        (reference_attention(q64, k64, v64) * w).sum().backward()
+        (got.double() * w).sum().backward()
+        for mine, ref in ((qd, q64), (kd, k64), (vd, v64)):
+            torch.testing.assert_close(mine.grad.double(), ref.grad, atol=3 * atol, rtol=3 * atol)
+
+
+def test_bf16_training_step_of_the_model_matches_fp32_in_loss_and_gradients():
+    """The written-out bf16 attention inside the model: loss and gradients near fp32's."""
+    model = tiny_transformer(dropout=0.0).train()
+    idx = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(4))
+    _, loss32 = model(idx, idx)
+    g32 = torch.autograd.grad(loss32, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = model(idx, idx)
+    g16 = torch.autograd.grad(loss16, list(model.parameters()))
+    assert loss16.item() == pytest.approx(loss32.item(), rel=1e-2)
+    cos = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) for a, b in zip(g16, g32)]
+    assert min(c.item() for c in cos) > 0.99
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -312,7 +365,7 @@ def test_bad_configs_are_input_errors():
 
 # ----------------------------------------------------------------------------- LoRA hooks
 def test_linear_layers_have_names_peft_can_target():
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny_transformer()
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj",

@@ -192,10 +192,25 @@ def test_generate_restores_training_mode_and_accepts_wrapped_models():
     model = transformer().train()
     generate(model, [1, 2], 3)
     assert model.training
-    peft = pytest.importorskip("peft")
+    import peft
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["qkv", "fc"]))
     assert generate(lora, [1, 2], 6, temperature=0.0) == generate(transformer(), [1, 2], 6,
                                                                     temperature=0.0)
+
+
+def test_cpu_generation_runs_on_one_thread_and_gives_the_threads_back():
+    """At batch 1 a second thread costs more than it brings (lmpipe.models.sampling.decode_threads);
+    the caller's thread count comes back afterwards, also when generation fails midway."""
+    model = transformer()
+    seen: list[int] = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    assert len(generate(model, [1, 2, 3], 5, temperature=0.0)) == 5
+    assert seen and set(seen) == {1}            # the prefill and every decode step
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1, 2, 3], 5, temperature=-1.0)   # raises inside the decode loop
+    assert torch.get_num_threads() == 2
 
 
 # ----------------------------------------------------------------------------- generate_text
@@ -229,8 +244,10 @@ def test_generate_text_loads_the_model_and_continues_the_prompt(tmp_path, fake_t
     assert text == "abc" + FakeTokenizer().decode(ids)
     empty = generate_text(tmp_path / "m", "", max_new_tokens=5, temperature=0.0, device="cpu")
     assert empty == FakeTokenizer().decode(generate(model, [0], 5, temperature=0.0, stop_ids=(0,)))
-    # CTX - 2 prompt tokens + EOS leave one position; CTX - 1 leave none
-    assert generate_text(tmp_path / "m", "a" * (CTX - 2), max_new_tokens=3, device="cpu")
+    # CTX - 2 prompt tokens + EOS leave one position (and the cache then slides); CTX - 1 none
+    edge = generate_text(tmp_path / "m", "a" * (CTX - 2), max_new_tokens=3, device="cpu")
+    ids = generate(model, [0] + [1] * (CTX - 2), 3, temperature=0.8, stop_ids=(0,), seed=0)
+    assert ids and edge == "a" * (CTX - 2) + FakeTokenizer().decode(ids)
     with pytest.raises(InputError, match=f"{CTX - 1} tokens \\({CTX} with the EOS.*context is "
                                          f"{CTX} tokens.*no room"):
         generate_text(tmp_path / "m", "a" * (CTX - 1), device="cpu")

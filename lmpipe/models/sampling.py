@@ -15,8 +15,9 @@ of the cropped context each step when use_cache=False), the RNN by carrying its 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -72,6 +73,52 @@ def _context_length(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "context_length", None)
 
 
+@contextlib.contextmanager
+def decode_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread while decoding on a CPU, the caller's count restored after.
+
+    Why: at batch 1 every op of a decode step is tiny (a 256 x 768 matrix-vector product, a
+    norm over 256 numbers), so a second thread cannot pay for waking it, and on a busy
+    machine it waits for a core at every op. Measured on 2 shared cores (benchmarks/train.py,
+    256 tokens, load 8): 290 tok/s with one thread, 200 with two sleeping between ops
+    (OMP_WAIT_POLICY=PASSIVE, as the stages set it), 17 with two spinning (the default).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stepper(model: nn.Module, buffer: torch.Tensor, total: int, use_cache: bool
+             ) -> Callable[[int, int], torch.Tensor]:
+    """One way to get the next logits per model kind: step(end, start) reads buffer[:, :end]
+    (the positions from `start` on are new to the model) and returns logits [1, ., V]."""
+    if isinstance(model, RNNLM):
+        state = None
+
+        def step(end: int, start: int) -> torch.Tensor:   # read buffer[start:end], carry state
+            nonlocal state
+            logits, _, state = model(buffer[:, start:end], state=state, return_state=True)
+            return logits
+        return step
+    context = model.config.context_length
+    if not use_cache:
+        return lambda end, start: model(buffer[:, max(0, end - context):end])[0]
+    cache = model.new_kv_cache(1, min(context, total), device=buffer.device)
+
+    def cached(end: int, start: int) -> torch.Tensor:
+        if cache.length >= cache.max_len:   # context full: restart from its last half
+            cache.reset()
+            start = end - context // 2 - 1
+        return model(buffer[:, start:end], kv_cache=cache)[0]
+    return cached
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -85,6 +132,7 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
     the last half context. Without it, each step re-runs the last context_length ids. The two
     paths agree token for token while prompt + output fits the context.
     RNN: the prompt is read once and the hidden state carried; no context limit.
+    On a CPU the loop runs on one thread (`decode_threads`).
     """
     model = unwrap_model(model)
     if not isinstance(model, (Transformer, RNNLM)):
@@ -112,44 +160,22 @@ def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
     buffer[:, :len(prompt)] = torch.tensor([prompt], dtype=torch.long, device=device)
     n = len(prompt)
     out: list[int] = []
-
-    def pick(logits: torch.Tensor) -> int:
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
-                          buffer[:, :n] if repetition_penalty != 1.0 else None, generator)
-        return int(nxt.item())
-
-    # One way to get the next logits per model kind; the sampling loop below is shared.
-    if isinstance(model, RNNLM):
-        state = None
-
-        def step(end: int, start: int) -> torch.Tensor:   # read buffer[start:end], carry state
-            nonlocal state
-            logits, _, state = model(buffer[:, start:end], state=state, return_state=True)
-            return logits
-    elif use_cache:
-        cache = model.new_kv_cache(1, min(context, n + max_new_tokens), device=device)
-
-        def step(end: int, start: int) -> torch.Tensor:
-            if cache.length >= cache.max_len:   # context full: restart from its last half
-                cache.reset()
-                start = end - context // 2 - 1
-            return model(buffer[:, start:end], kv_cache=cache)[0]
-    else:
-        def step(end: int, start: int) -> torch.Tensor:   # recompute the last context ids
-            return model(buffer[:, max(0, end - context):end])[0]
-
+    step = _stepper(model, buffer, n + max_new_tokens, use_cache)
     try:
-        logits = step(n, 0)
-        for _ in range(max_new_tokens):
-            tok = pick(logits)
-            if tok in stops:
-                break
-            out.append(tok)
-            buffer[0, n] = tok
-            n += 1
-            if len(out) == max_new_tokens:
-                break
-            logits = step(n, n - 1)
+        with decode_threads(device):
+            logits = step(n, 0)
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits[:, -1], temperature, top_k, top_p, repetition_penalty,
+                                  buffer[:, :n] if repetition_penalty != 1.0 else None, generator)
+                tok = int(nxt.item())
+                if tok in stops:
+                    break
+                out.append(tok)
+                buffer[0, n] = tok
+                n += 1
+                if len(out) == max_new_tokens:
+                    break
+                logits = step(n, n - 1)
     finally:
         model.train(was_training)
     return out

@@ -1,0 +1,129 @@
+"""The speed benchmark and the GPU check: what they print is what they measured.
+
+The speed targets themselves live in benchmarks/train.py, never in a timed test: these tests
+check that the table and its JSON agree, that every ratio is the one its target is about,
+and that the profiler breakdown puts a step's time (backward included) where it belongs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmpipe.core.params import TrainParams
+from lmpipe.data.batches import TokenBatches
+from lmpipe.models.store import build_model
+from lmpipe.train.runtime import Runtime
+from lmpipe.train.trainer import Trainer
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import breakdown  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_benchmark_table_shows_each_measure_next_to_its_target(tmp_path):
+    """The README's quick command: the smoke model, two rounds, no compile."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/train.py", "--profile", "smoke",
+                           "--steps", "2", "--no-compile", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    table = proc.stdout
+    # the machine, and the load before and after, head the table
+    assert f"load {res['load_before']:.1f} -> {res['load_after']:.1f}" in table
+    assert res["cpu"] in table
+    # each ratio is the one its target is about, from the same run's figures
+    rounds = res["rounds"]
+    flops = res["flops_per_token"] * res["tokens_per_step"]
+    mfus = sorted(flops / r["bf16_s"] / 1e9 / r["peak_bf16"] for r in rounds)
+    assert res["mfu"] == pytest.approx(sum(mfus) / len(mfus))          # median of two
+    assert res["bf16_speedup_target"] == pytest.approx(0.5 * res["peak_ratio"])
+    lines = {line.split("|")[0].strip(): line for line in table.splitlines() if "|" in line}
+    assert f">= {res['bf16_speedup_target']:.2f}x" in lines["bf16 / fp32 training"]
+    assert ">= 30%" in lines["MFU vs bf16 peak"]
+    assert lines["MFU vs bf16 peak"].rstrip().endswith("yes" if res["mfu"] >= 0.30 else "NO")
+    gen = res["generation"]
+    assert gen["identical"] is True and gen["distinct_tokens"] > 3
+    assert ">= 1,500 tok/s" in lines[f"generate {gen['new_tokens']}, KV cache"]
+    assert ">= 50,000 tok/s" in next(v for k, v in lines.items() if k.startswith("score"))
+    # the bound is the bf16 peak over the forward FLOPs per token
+    sc = res["scoring"]
+    assert sc["bound_tokens_per_s"] == pytest.approx(
+        res["peak_gflops"]["bf16"] * 1e9 / sc["forward_flops_per_token"])
+    # the breakdown covers the step: its shares add up to the whole
+    assert sum(share for _, _, share in res["breakdown"]) == pytest.approx(1.0, abs=1e-6)
+    assert "where a bf16 training step's time goes" in table
+
+
+def small_trainer() -> Trainer:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, context_length=64, n_layer=2, n_head=2, d_model=64)
+    model = build_model("transformer", cfg)
+    train = TrainParams(optimizer="muon", batch_size=8, max_steps=100, progress=False,
+                        precision="fp32")
+    tokens = torch.randint(0, 96, (64 * 8 * 8,)).numpy()
+    return Trainer(model, train, batches=TokenBatches(tokens, 64, 8, seed=0),
+                   rt=Runtime(torch.device("cpu"), None, threads=1))
+
+
+def test_the_breakdown_counts_backward_time_in_the_forward_part_it_belongs_to():
+    trainer = small_trainer()
+    trainer.train_step()
+    rows = {part: ms for part, ms, _ in breakdown.step_breakdown(trainer, steps=2)}
+    for part in ("attention (scores, softmax, weighted sum)", "norms", "MLP matmuls (fc, proj)",
+                 "loss (log-softmax, nll)", "rotary", "Muon Newton-Schulz", "AdamW",
+                 "data loading"):
+        assert rows.get(part, 0) > 0, part
+    assert rows.get("other", 0) < 0.05 * sum(rows.values())
+    # every backward node goes to the part of the forward op that made it: in one step the
+    # two MLP matmuls of each layer have their two backward matmul nodes there, and no
+    # matmul's backward is left unattributed
+    with breakdown._labels(trainer), torch.profiler.profile() as prof:
+        trainer.train_step()
+    roots = {}
+    for event, label in breakdown.labelled_events(prof.events()):
+        if event.name.startswith("autograd::engine::evaluate_function: MmBackward"):
+            roots.setdefault(id(event), label)
+    n_layer = trainer.model.config.n_layer
+    assert list(roots.values()).count("MLP matmuls (fc, proj)") == 2 * n_layer
+    assert list(roots.values()).count("attention projections (qkv, out)") == 2 * n_layer
+    assert "other" not in roots.values()
+    # and the labels are gone afterwards: the library is as it was
+    import lmpipe.models.transformer as tm
+    assert not hasattr(tm.apply_rotary, "__wrapped__") and "next" not in vars(trainer.batches)
+
+
+# ----------------------------------------------------------------------------- the GPU check
+def test_gpu_marked_tests_are_deselected_and_listed_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the gpu tests run here (benchmarks/gpu.sh)")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_gpu.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 5, proc.stdout[-2000:]          # pytest: no test ran
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("DESELECTED ")]
+    assert len(listed) == 5 and "passed" not in proc.stdout
+    assert "5 deselected" in proc.stdout
+
+
+def test_gpu_check_refuses_plainly_without_an_nvidia_gpu():
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA GPU: run benchmarks/gpu.sh itself")
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no NVIDIA GPU on this machine" in proc.stderr

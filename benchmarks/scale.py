@@ -38,7 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.corpus import SEPARATOR, generate  # noqa: E402
+from benchmarks.corpus import SEPARATOR, generate, mirror  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -71,6 +71,9 @@ def write_params(project: Path, data: Path, args) -> None:
         download = {"source": "hf", "hf": {"path": "parquet", "text_field": "text",
                                            "data_files": [str(data / "parquet" / "*.parquet")]}}
     overlay = {
+        # the instruction set the download stage also fetches comes from the same mirror as
+        # the books, where there is one (offline machines); else from the network
+        "data": {"mirror": str(mirror()) if mirror().is_dir() else None},
         "download": {**download, "shard_bytes": args.shard_mb * 1_000_000},
         "tokenizer": {"vocab_size": args.vocab, "num_threads": args.threads},
         "ngram": {"order": args.order, "memory_gb": args.memory_gb, "threads": args.threads,

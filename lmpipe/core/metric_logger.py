@@ -113,6 +113,24 @@ def dvc_lock_deps(stage: str, root: Path | None = None) -> dict[str, str]:
     return result
 
 
+def ensure_experiment(client, experiment: str, uri: str) -> str:
+    """The id of MLflow experiment `experiment`, created when missing. A local store keeps
+    artifacts in mlartifacts/ at the root; a server uses LMPIPE_ARTIFACT_URI, else its own
+    default (e.g. `--artifacts-destination s3://...`)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = (project_root() / "mlartifacts").resolve().as_uri()
+    if not uri.startswith(("sqlite:", "file:")) and os.environ.get("LMPIPE_ARTIFACT_URI"):
+        artifacts = os.environ["LMPIPE_ARTIFACT_URI"]
+    elif not uri.startswith(("sqlite:", "file:")):
+        artifacts = None  # let the server choose (e.g. --default-artifact-root s3://...)
+    try:
+        return client.create_experiment(experiment, artifact_location=artifacts)
+    except Exception:  # created concurrently by another stage
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
 class MLflowLogger:
     """One MLflow run per stage execution; a child of the flow's run when one is given."""
 
@@ -155,19 +173,7 @@ class MLflowLogger:
         )
 
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifacts = (project_root() / "mlartifacts").resolve().as_uri()
-            if not uri.startswith(("sqlite:", "file:")) and os.environ.get("LMPIPE_ARTIFACT_URI"):
-                artifacts = os.environ["LMPIPE_ARTIFACT_URI"]
-            elif not uri.startswith(("sqlite:", "file:")):
-                artifacts = None  # let the server choose (e.g. --default-artifact-root s3://...)
-            try:
-                exp_id = client.create_experiment(experiment, artifact_location=artifacts)
-            except Exception:  # created concurrently by another stage
-                exp_id = client.get_experiment_by_name(experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
+        exp_id = ensure_experiment(client, experiment, uri)
         tags = {"mlflow.runName": self.stage, "lmpipe.stage": self.stage, "dvc_stage": self.stage}
         parent = os.environ.get(PARENT_RUN_ENV)
         if parent:
@@ -177,6 +183,24 @@ class MLflowLogger:
         run = client.create_run(exp_id, run_name=self.stage, tags=tags)
         self._client = client
         self.run_id = run.info.run_id
+
+    @classmethod
+    def existing(cls, run_id: str, name: str, tracking_uri: str | None = None) -> "MLflowLogger":
+        """Log to a run opened elsewhere: a sweep point's run, created by `lmpipe sweep` up
+        front so that a retried point keeps one run (pipeline/sweep_point.py)."""
+        self = cls.__new__(cls)
+        self.stage, self.run_id, self._client, self._warned = name, run_id, None, False
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            from mlflow.tracking import MlflowClient  # deferred: mlflow takes seconds to import
+
+            client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+            client.get_run(run_id)  # fails now, naming the run, when this store lacks it
+            self._client = client
+        except Exception as err:  # tracking must never fail the work
+            self._warn(err)
+        return self
 
     # -- the interface
     def log_params(self, params: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "eval",
     "lineage": "lineage",
     "sync-mlflow": "sync_mlflow",
+    "sweep": "sweep",
 }
 
 

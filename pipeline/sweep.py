@@ -156,6 +156,10 @@ def run_sweep(root: Path, opts: SweepOptions) -> int:
     plan = plan_sweep(root, opts.name, commit, opts.set_args, opts.params_file, opts.stages)
     opts.pool = opts.pool or ("lmpipe-local" if opts.local else "gpu")
     target = opts.target or tracking.default_target(plan.keys, plan.stages)
+    if target is None:
+        raise InputError("--target: the points run neither evaluate nor the stage that trains "
+                         "the swept model; name the metric to sort by, STAGE.KEY of "
+                         "metrics/STAGE.json (e.g. tokenizer.val_bytes_per_token)")
     note(describe(plan, target, url))
     if opts.dry_run:
         return EXIT_BAD_INPUT if len(plan.good) < len(plan.points) else EXIT_OK

@@ -60,11 +60,11 @@ class PointFailed(RuntimeError):
     retryable = True
 
     def __init__(self, point: str, message: str, exit_code: int | None = None):
-        self.point, self.exit_code = point, exit_code
+        self.point, self.detail, self.exit_code = point, message, exit_code
         super().__init__(f"sweep point {point}: {message}")
 
     def __reduce__(self):
-        return (type(self), (self.point, str(self).split(": ", 1)[-1], self.exit_code))
+        return (type(self), (self.point, self.detail, self.exit_code))
 
 
 class PointInputError(PointFailed):
@@ -97,15 +97,18 @@ def dvc(root: Path, point: str, *args: str, env: dict[str, str] | None = None) -
     code, tail = stream([dvc_bin(), *args], root, env or dvc_env(),
                         echo=lambda line: logger.info("[%s] %s", point, line))
     if code != 0:
+        tail = tail.replace(f"{root}/", "")  # paths inside this throwaway clone, relative
         found = _EXITED.findall(tail)
         stage_code = int(found[-1]) if found else None
         what = f"dvc {args[0]} {args[1] if len(args) > 1 else ''}".strip()
+        # the stage's own message (`stage NAME: error: key.path: ...`) leads, when it has one
+        said = [line for line in tail.splitlines() if re.match(r"stage \S+: error: ", line)]
+        head = f"{said[-1]} (`{what}`" if said else f"`{what}` exited {code} ("
         if stage_code == EXIT_BAD_INPUT:
-            raise PointInputError(point, f"a stage exited {EXIT_BAD_INPUT} (bad params or "
-                                  f"input) in `{what}`:\n{tail}", EXIT_BAD_INPUT)
-        raise PointFailed(point, f"`{what}` exited {code}"
-                          + (f" (a stage exited {stage_code})" if found else "")
-                          + f":\n{tail}", stage_code)
+            raise PointInputError(point, f"{head}, exit {EXIT_BAD_INPUT}: bad params or input)"
+                                  f"\n{tail}", EXIT_BAD_INPUT)
+        raise PointFailed(point, f"{head}" + (f", a stage exited {stage_code})" if found
+                                              else ")") + f"\n{tail}", stage_code)
     return tail
 
 
@@ -229,7 +232,7 @@ def run_point(root: Path, sweep: str, point: str, commit: str, overrides: list[s
     except PointFailed as err:
         if client is not None:
             try:
-                fail_run(client, mlflow_run_id, err.exit_code, str(err))
+                fail_run(client, mlflow_run_id, err.exit_code, err.detail)
             except Exception as log_err:  # tracking never hides the real failure
                 run_logger().warning("MLflow: could not record the failure: %s", log_err)
         raise

@@ -91,7 +91,7 @@ def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
 def fail_run(client, run_id: str, exit_code: int | None, message: str,
              status: str = "FAILED") -> None:
     client.set_tag(run_id, EXIT_TAG, str(exit_code) if exit_code is not None else "none")
-    client.set_tag(run_id, ERROR_TAG, message[-4000:])
+    client.set_tag(run_id, ERROR_TAG, message[:4000])  # the headline first, then the log
     client.set_terminated(run_id, status)
 
 
@@ -152,14 +152,15 @@ def point_rows(client, sweep_run) -> list[PointRow]:
     return sorted(rows, key=lambda r: r.name)
 
 
-def default_target(keys: list[str], stages: list[str]) -> str:
+def default_target(keys: list[str], stages: list[str]) -> str | None:
     """The test bits per byte of the model the first swept section trains (the Transformer
-    when that section trains none), or its val figure when the sweep stops before evaluate."""
+    when that section trains none), or its val figure when the sweep stops before evaluate;
+    None when the points run neither."""
     section = keys[0].split(".", 1)[0] if keys else "pretrain"
     model = next((m for m, s in MODEL_STAGE.items() if s == section), "transformer")
     if "evaluate" in stages:
         return f"evaluate.{model}.test_bpb"
-    return f"{MODEL_STAGE[model]}.val_bpb"
+    return f"{MODEL_STAGE[model]}.val_bpb" if MODEL_STAGE[model] in stages else None
 
 
 def _candidates() -> list[tuple[str, str]]:
@@ -200,7 +201,7 @@ class SweepReport:
             if ERROR_TAG in r.tags:
                 code = r.tags.get(EXIT_TAG, "none")
                 status = (f"exit {code}: " if code != "none" else "failed: ") + \
-                    " ".join(r.tags[ERROR_TAG].split())[:160]
+                    (r.tags[ERROR_TAG].strip().splitlines() or [""])[0][:160]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells + [status])
                          + " |")
         return "\n".join(lines) + "\n"

@@ -136,8 +136,10 @@ def close_tracking(client, plan: SweepPlan, runs, tracked: list[Tracked]) -> int
             continue
         run = client.get_run(run_id)
         if run.info.status in ("RUNNING", "SCHEDULED"):
-            why = t.message if t is not None else "not run: the base did not finish"
-            tracking.fail_run(client, run_id, None, why or "did not finish")
+            why = (t.message if t is not None else "not run: the base did not finish, or "
+                   "the sweep was interrupted") or "did not finish"
+            tracking.fail_run(client, run_id, None, why,
+                              "KILLED" if "interrupted" in why else "FAILED")
     bad = [p for p in plan.points if p.error] + [t for t in tracked if t.outcome == "bad-input"]
     failed = [t for t in tracked if t.outcome == "failed"]
     if plan.base and (not tracked or tracked[0].outcome != "done"):
@@ -181,8 +183,8 @@ def run_sweep(root: Path, opts: SweepOptions) -> int:
             deployment = deploy(prefect, plan, pool, url)
             automation = crash_automation(prefect, deployment, plan.name, crash_after)
             try:
-                tracked = run_points(prefect, plan, runs, f"{POINT_FLOW}/{plan.name}",
-                                     opts.retries)
+                run_points(prefect, plan, runs, f"{POINT_FLOW}/{plan.name}", opts.retries,
+                           tracked)
             finally:
                 with contextlib.suppress(Exception):
                     prefect.delete_automation(automation)

@@ -185,8 +185,9 @@ def submit(deployment: str, plan: SweepPlan, point: str, overrides: list[str],
 
 
 def run_points(client, plan: SweepPlan, runs: tracking.SweepRuns, deployment: str,
-               retries: int) -> list[Tracked]:
-    """The base, then every good point; returns how each ended."""
+               retries: int, ended: list[Tracked]) -> None:
+    """The base, then every good point; `ended` gets how each one ended (also when the
+    sweep is interrupted: what had not ended is cancelled)."""
     watch = Watch(client, retries)
     try:
         if plan.base:
@@ -196,17 +197,19 @@ def run_points(client, plan: SweepPlan, runs: tracking.SweepRuns, deployment: st
                 deployment, plan, plan.base, [], plan.shared, None,
                 runs.children.get(plan.base)))]
             watch.until_done()
+            ended += watch.tracked
             if watch.tracked[0].outcome != "done":
-                return watch.tracked
+                return
         note(f"sweep {plan.name}: {len(plan.good)} point(s) submitted; they run "
              f"{', '.join(plan.affected)}")
-        base_runs, watch.tracked = watch.tracked, [
+        watch.tracked = [
             Tracked(p.name, submit(deployment, plan, p.name, list(p.overrides), plan.targets,
                                    plan.base, runs.children.get(p.name)))
             for p in plan.good]
         watch.started = time.monotonic()
         watch.until_done()
-        return base_runs + watch.tracked
+        ended += watch.tracked
     except KeyboardInterrupt:
         watch.cancel()
+        ended += [t for t in watch.tracked if t not in ended]
         raise

@@ -61,11 +61,15 @@ def register(sub) -> None:
     p.add_argument("--maximize", action="store_true", help="higher target is better")
     p.add_argument("--dry-run", action="store_true", help="print the points and stages only")
     actions = p.add_subparsers(dest="action", metavar="{report,apply}")
-    r = actions.add_parser("report", help="the sweep's table and figure (logged to MLflow)")
+    r = actions.add_parser("report", help="the sweep's table and figure (logged to MLflow)",
+                           epilog="example: lmpipe sweep report depth --target "
+                           "evaluate.transformer.test_bpb")
     r.add_argument("sweep", help="the sweep's name")
     r.add_argument("--target", help="sort by this metric instead of the sweep's target")
     r.add_argument("--maximize", action="store_true", default=None)
-    a = actions.add_parser("apply", help="apply the best point to the workspace (dvc exp apply)")
+    a = actions.add_parser("apply", help="apply the best point to the workspace (dvc exp apply)",
+                           epilog="example: lmpipe sweep apply depth   (then `git diff`, "
+                           "`dvc params diff`, commit)")
     a.add_argument("sweep", help="the sweep's name")
     a.add_argument("--point", help="apply this point instead of the best one")
     a.add_argument("--git-remote", help="where to pull the experiment from (default: where "

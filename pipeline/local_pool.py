@@ -116,7 +116,8 @@ def worker_env(root: Path, api: str, workspace: Path) -> dict[str, str]:
     env.update(PREFECT_API_URL=api, TMPDIR=str(workspace), MLFLOW_TRACKING_URI=
                absolute_tracking_uri(root), LMPIPE_DVC_REMOTE=local_dvc_remote(root),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_S)
+    # the sweep's default --crash-after with --local (90 s) counts on this interval
+    env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = HEARTBEAT_S
     return env
 
 

@@ -37,7 +37,7 @@ from lmpipe.tracking import sweep as tracking
 from pipeline.local_pool import local_workers
 from pipeline.sweep_plan import SweepPlan, plan_sweep
 from pipeline.sweep_point import POINT_FLOW
-from pipeline.sweep_submit import Tracked, crash_automation, deploy, run_points
+from pipeline.sweep_submit import Tracked, check_pool, crash_automation, deploy, run_points
 
 
 @dataclass
@@ -172,6 +172,8 @@ def run_sweep(root: Path, opts: SweepOptions) -> int:
             raise InputError("no Prefect API: set PREFECT_API_URL to the server the workers "
                              "use (or run on this machine with --local N)")
         check_on_remote(root, remote, url, commit)
+        with get_client(sync_client=True) as prefect:  # before anything is recorded
+            check_pool(prefect, opts.pool)
     crash_after = opts.crash_after or (90.0 if opts.local else 600.0)
     client, runs = open_tracking(root, plan, opts, target, url)
     tracked: list[Tracked] = []
@@ -193,8 +195,9 @@ def run_sweep(root: Path, opts: SweepOptions) -> int:
     out_dir = root / ".lmpipe" / "sweeps" / plan.name
     _, markdown, png = tracking.sweep_report(client, tracking_experiment(root), plan.name,
                                              out_dir=out_dir)
-    print(markdown, end="")
-    print(f"\nfigure: {png}" if png else "", f"\nMLflow parent run: {runs.sweep_run_id}; "
-          f"`lmpipe sweep report {plan.name}` prints this again, `lmpipe sweep apply "
-          f"{plan.name}` puts the best point in your workspace")
+    print(markdown)
+    if png:
+        print(f"figure: {png}")
+    print(f"MLflow parent run: {runs.sweep_run_id}; `lmpipe sweep report {plan.name}` prints "
+          f"this again, `lmpipe sweep apply {plan.name}` puts the best point in your workspace")
     return code

@@ -112,7 +112,7 @@ def expand_grid(set_args: list[str]) -> list[tuple[str, ...]]:
     except (DvcException, ValueError) as err:
         raise InputError(f"-S {' '.join(set_args)}: {err}") from None
     except Exception as err:  # Hydra's grammar errors (OverrideParseException, ...)
-        detail = str(err).splitlines()[0]
+        detail = str(err).strip().partition("\n")[0]
         raise InputError(f"-S: {detail}") from None
     return [_as_set_args(s) for s in sweeps]
 
@@ -197,7 +197,7 @@ def override_error(root: Path, commit: str, overrides: tuple[str, ...]) -> str |
             try:
                 apply_overrides(copy, items)
             except Exception as err:  # DVC wraps Hydra's error; its cause names the key
-                first = str(err.__cause__ or err).strip().splitlines()[0]
+                first = str(err.__cause__ or err).strip().partition("\n")[0]
                 if first.startswith("Could not override"):
                     first += f" {path} has no such key at commit {commit[:12]}"
                 return f"{path}: {first}"

@@ -41,14 +41,18 @@ JOB_ENV = {"DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLE
 
 
 # ----------------------------------------------------------------------------- Prefect
-def deploy(client, plan: SweepPlan, pool: str, url: str) -> UUID:
-    """The sweep's deployment: the point flow at the sweep's commit, on `pool`."""
+def check_pool(client, pool: str) -> None:
     try:
         client.read_work_pool(pool)
     except ObjectNotFound:
         raise InputError(f"--pool: no work pool {pool!r} on the Prefect API; create it with "
                          f"`prefect work-pool create {pool} --type process` and start workers "
                          f"(`prefect worker start --pool {pool}`), or use --local N") from None
+
+
+def deploy(client, plan: SweepPlan, pool: str, url: str) -> UUID:
+    """The sweep's deployment: the point flow at the sweep's commit, on `pool`."""
+    check_pool(client, pool)
     flow_id = client.create_flow_from_name(POINT_FLOW)
     return client.create_deployment(
         flow_id, plan.name, entrypoint=ENTRYPOINT, work_pool_name=pool,
@@ -140,7 +144,8 @@ class Watch:
         action = decide(state, message, t.attempts, self.retries)
         if action == "retry":
             t.attempts += 1
-            note(f"  {t.point}: {state.lower()} ({message.splitlines()[0][:200]}); "
+            why = message.partition("\n")[0][:200]
+            note(f"  {t.point}: {state.lower()} ({why}); "
                  f"rescheduled, attempt {t.attempts} of {self.retries + 1}")
             self.client.set_flow_run_state(run.id, Scheduled(
                 message=f"lmpipe sweep: attempt {t.attempts} after {state.lower()}"), force=True)

@@ -222,6 +222,7 @@ def checkout(tmp_path_factory, mirror):
     root = tmp_path_factory.mktemp("sweep-cli")
     env = make_repo(root, mirror)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))  # no profile's API
     env.pop("PREFECT_API_URL", None)
     return root, env
 
@@ -254,6 +255,7 @@ def test_dry_run_prints_the_points_and_what_they_share(checkout):
     (["-S", "seed=1", "--crash-after", "10"], 2, "--crash-after: must be >= 45"),
     (["-S", "seed=1"], 2, "--git-remote: 'origin' is neither a git remote"),
     (["-S", "seed=1", "--git-remote", "/nonexistent/repo.git"], 2, "--git-remote"),
+    (["-S", "seed=1", "--git-remote", "."], 2, "no Prefect API: set PREFECT_API_URL"),
     (["-S", "seed=1", "--name", "a/b"], 2, "--name: 'a/b' is not a usable sweep name"),
     (["--local", "1"], 2, "nothing to sweep"),
 ])
@@ -283,3 +285,42 @@ def test_a_report_of_an_unknown_sweep_exits_2(checkout):
     proc = lmpipe(checkout, "sweep", "report", "nosuch")
     assert proc.returncode == 2
     assert "no sweep named 'nosuch' in MLflow experiment 'lmpipe'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- MLflow
+def test_the_sweep_in_mlflow_parent_children_retries_and_report(tmp_path, monkeypatch):
+    from lmpipe.tracking.sweep import (
+        TARGET_TAG,
+        add_child,
+        begin_attempt,
+        mlflow_client,
+        open_sweep,
+        sweep_report,
+    )
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    client = mlflow_client()
+    runs = open_sweep(client, "lmpipe", "s", {"sweep.set": "pretrain.train.lr=0.003,0.006"},
+                      {TARGET_TAG: "evaluate.transformer.test_bpb"})
+    with pytest.raises(InputError, match="a sweep named 's' already exists"):
+        open_sweep(client, "lmpipe", "s", {}, {})
+    one = add_child(client, runs, "s-1", "point", {"pretrain.train.lr": "0.003"}, {})
+    two = add_child(client, runs, "s-2", "point", {"pretrain.train.lr": "0.006"}, {})
+    bad = add_child(client, runs, "s-3", "point", {"pretrain.trian.lr": "1"}, {},
+                    error="params.yaml: Could not override 'pretrain.trian.lr'")
+    assert client.get_run(bad).info.status == "FAILED"
+    # a second attempt of s-1 closes the stage run its dead first attempt left RUNNING
+    dead = client.create_run(runs.experiment_id, tags={"mlflow.parentRunId": one})
+    assert begin_attempt(client, one, {"prefect.flow_run_id": "f2"}) == 1
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(one).data.tags["prefect.flow_run_id"] == "f2"
+    for run_id, bpb in ((one, 2.5), (two, 2.4)):
+        client.log_metric(run_id, "evaluate.transformer.test_bpb", bpb)
+        client.set_terminated(run_id)
+    report, markdown, png = sweep_report(client, "lmpipe", "s", out_dir=tmp_path / "out")
+    assert [r.name for r in report.rows] == ["s-2", "s-1", "s-3"]
+    assert (tmp_path / "out" / "report.md").read_text() == markdown
+    assert png == tmp_path / "out" / "report.png"
+    arts = {a.path for a in client.list_artifacts(runs.sweep_run_id, "sweep")}
+    assert arts == {"sweep/report.md", "sweep/report.png"}

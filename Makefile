@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # (on a machine without it, pip falls back to the newest release the range admits).
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test venv install install-dev clean-venv
+.PHONY: run test test-fast venv install install-dev clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: $(VENV)/.installed
 ## make test: set up with the dev extra, then run the test suite
 test: $(VENV)/.installed-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+## make test-fast: the inner loop, every test not marked slow (a few minutes on 2 cores)
+test-fast: $(VENV)/.installed-dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

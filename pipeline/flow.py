@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +38,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmpipe.core.dvc_cli import dvc_bin, dvc_env
 from lmpipe.core.errors import EXIT_BAD_INPUT, InputError
-from lmpipe.core.git import git_state
-from lmpipe.core.metric_logger import NullLogger, stage_logger
+from lmpipe.core.last_good import report_restored, restore_file_outs
 from lmpipe.core.names import PARENT_RUN_ENV
-from lmpipe.core.params import PipelineParams, TrackingParams, format_validation_error, read_yaml
+from lmpipe.core.params import (
+    PipelineParams,
+    TrackingParams,
+    format_validation_error,
+    load_params,
+    read_yaml,
+)
 from lmpipe.core.paths import project_root
-from lmpipe.core.records import lock_md5
-from lmpipe.tracking.pipeline_run import finish_pipeline_run
+from lmpipe.tracking.pipeline_run import finish_pipeline_run, open_pipeline_run
 from pipeline.graph import StageGraph, read_stage_graph
 from pipeline.lock import RunLock, repro_lock
 
 _EXITED = re.compile(r"exited with (-?\d+)")
+BAD_INPUT_NOTE = "(bad params or input: not retried)"
+# DVC ends every `dvc repro` with the same advice (git add dvc.lock, autostage, dvc push):
+# once per stage it was printed eight times. It stays in the stage's log file; the flow
+# shows it once, at the end (lmpipe/cli/run.py).
+DVC_HINTS = ("To track the changes with git", "git add ", "To enable auto staging",
+             "dvc config core.autostage", "Use `dvc push` to send your updates")
 NOT_RETRIED = {EXIT_BAD_INPUT, 130}
 
 
@@ -67,7 +76,7 @@ class StageFailed(RuntimeError):
             self.retryable = exit_code not in NOT_RETRIED
             why = f"its command exited with {exit_code}"
             if exit_code == EXIT_BAD_INPUT:
-                why += " (bad params or input: not retried)"
+                why += f" {BAD_INPUT_NOTE}"
         else:
             # DVC itself failed (missing dependency, bad dvc.yaml ...): retrying cannot help,
             # except when another DVC process held the repo lock.
@@ -83,6 +92,8 @@ class PipelineFailed(RuntimeError):
     def __init__(self, failures: dict[str, str], skipped: list[str]):
         self.failures = failures
         self.skipped = skipped
+        # every failure is the user's input: `lmpipe run` exits 2, like the stage did
+        self.bad_input = bool(failures) and all(BAD_INPUT_NOTE in m for m in failures.values())
         lines = [f"lmpipe pipeline failed in stage(s) {', '.join(failures)}"]
         if skipped:
             lines.append(f"not run because an upstream stage failed: {', '.join(skipped)}")
@@ -150,6 +161,8 @@ def run_dvc_repro(
             line = _last_segment(raw)
             log.write(line + "\n")
             log.flush()
+            if not line.strip() or line.strip().startswith(DVC_HINTS):
+                continue
             tail.append(line)
             if echo is not None:
                 echo(line)
@@ -160,6 +173,13 @@ def run_dvc_repro(
         code = proc.wait()
     seconds = round(time.monotonic() - started, 3)
     if code != 0:
+        # DVC deleted the stage's outs before its command ran; put back the files dvc.lock
+        # still describes (this also covers a stage killed before its own handler ran)
+        note = report_restored(stage, *restore_file_outs(stage, root))
+        if note:
+            tail.append(note)
+            if echo is not None:
+                echo(note)
         text = "\n".join(tail)
         found = _EXITED.findall(text)
         exit_code = int(found[-1]) if found else None
@@ -272,20 +292,22 @@ def load_flow_params(root: Path, params_file: str | None = None) -> FlowSections
         raise InputError(f"{path}: {format_validation_error(err)}") from None
 
 
-def _open_parent_run(experiment: str):
-    # The parent must not itself become a child of a stale id in the environment.
-    stale = os.environ.pop(PARENT_RUN_ENV, None)
+def _open_parent_run(root: Path, experiment: str, params_file: str | None):
+    """The flow's pipeline run (lmpipe/tracking/pipeline_run.py), holding the whole
+    params.yaml when it is valid (when not, the `params` stage reports it)."""
     try:
-        parent = stage_logger("pipeline", experiment=experiment)
-    finally:
-        if stale is not None:
-            os.environ[PARENT_RUN_ENV] = stale
-    return parent if getattr(parent, "run_id", None) else NullLogger()
+        params = load_params(params_file or root / "params.yaml")
+    except InputError:
+        params = None
+    return open_pipeline_run(root, experiment, "lmpipe run", params,
+                             tags={"lmpipe.started_by": "lmpipe run"})
 
 
 def _flow_run_id() -> str | None:
     try:
-        from prefect.runtime import flow_run  # deferred: only meaningful inside a flow run
+        from prefect.runtime import (
+            flow_run,  # deferred: only meaningful inside a flow run
+        )
 
         return flow_run.id
     except Exception:  # pragma: no cover
@@ -355,7 +377,9 @@ def run_stages(
 
 def publish_markdown(markdown: str, key: str = "lmpipe-metrics") -> None:
     try:
-        from prefect.artifacts import create_markdown_artifact  # deferred: needs a flow run
+        from prefect.artifacts import (
+            create_markdown_artifact,  # deferred: needs a flow run
+        )
 
         create_markdown_artifact(markdown=markdown, key=key,
                                  description="lmpipe: metrics of the pipeline run")
@@ -407,15 +431,12 @@ def _pipeline_body(root_path: Path, stages, force, lock_wait_s, task_runner, par
             logger.warning("dvc.yaml in %s declares no stages: nothing to run", root_path)
         else:
             logger.info("stages, upstream first: %s", " -> ".join(order))
-        parent = _open_parent_run(params.tracking.experiment)
+        parent = _open_parent_run(root_path, params.tracking.experiment, params_file)
         report.parent_run_id = parent.run_id
         parent.set_tags({
-            "lmpipe.kind": "pipeline",
-            "dvc_lock_md5": lock_md5(root_path),
             "lmpipe.stages": ",".join(order) or "none",
             "lmpipe.requested": ",".join(stages) if stages else "all",
             "prefect.flow_run_id": _flow_run_id() or "none",
-            **git_state(root_path),
         })
         status = "FAILED"
         try:

@@ -4,10 +4,12 @@
    its pinned checksum. Unchanged bytes give the same outs, and DVC then skips every
    downstream stage by md5; a changed source re-runs the chain from `tokenizer` on.
 2. Every stage in dvc.yaml (so `evaluate` too, when it exists) under one MLflow parent run.
-3. Promotion (`pipeline.promote`): the Transformer, SFT and LoRA models that exist are
-   registered as MLflow model versions, and the alias `champion` moves to a version only when
-   its test bits per byte beat the champion's (lmpipe/tracking/registry.py); otherwise the version is
-   tagged `promotion=kept` with the reason.
+3. Promotion (`pipeline.promote`): the Transformer, SFT and LoRA models (LoRA: its merged
+   weights, with the adapter) are registered as MLflow model versions, and the alias
+   `champion` moves to a version only when its test bits per byte beat the champion's
+   (lmpipe/tracking/registry.py); otherwise the version is tagged `promotion=kept` with the
+   reason. Each of the three gets a decision in the report, `skipped` with its reason when
+   there is no model or no score; a registry error fails this step and moves nothing.
 4. `dvc push` when a DVC remote is configured (`pipeline.push`, pipeline/remote.py).
 5. dvc.lock (and the uncached outs DVC leaves to git: metrics) committed to
    `pipeline.commit_branch` when set.
@@ -23,7 +25,13 @@ from prefect.cache_policies import NO_CACHE
 from lmpipe.core.git import git_state
 from lmpipe.core.paths import project_root
 from lmpipe.tracking.registry import promote_models
-from pipeline.flow import load_flow_params, pipeline_body, publish_markdown, root_env, run_logger
+from pipeline.flow import (
+    load_flow_params,
+    pipeline_body,
+    publish_markdown,
+    root_env,
+    run_logger,
+)
 from pipeline.graph import read_stage_graph
 from pipeline.lock import RunLock
 from pipeline.remote import commit_to_branch, dvc_push, git_tracked_outs

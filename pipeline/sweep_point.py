@@ -197,7 +197,7 @@ def _tracking(run_id: str | None, point: str):
     """(logger, client) for the point's MLflow run; no-ops when tracking is off."""
     if not run_id or os.environ.get("LMPIPE_TRACKING", "").lower() in ("off", "0", "false"):
         return NullLogger(), None
-    log = MLflowLogger.existing(run_id, point)
+    log = MLflowLogger(point, attach=run_id)
     try:
         client = mlflow_client()
         closed = begin_attempt(client, run_id, {"prefect.flow_run_id": _flow_run_id(),

@@ -4,7 +4,8 @@ Reads  data/models/{ngram,rnn,transformer,sft,lora}/, data/tokenizer/, data/toke
        training stages' metrics/*.json and plots/*/loss.csv, data/corpus/source.json,
        metrics/download.json; params `evaluate`.
 Writes metrics/evaluate.json (nested, one entry per model: `dvc metrics show` lists
-       `transformer.test_bpb` etc.), reports/report.md + reports/*.png; logs the metrics as
+       `transformer.test_bpb` etc.), plots/evaluate/bits_per_byte.csv (each model's val and
+       test bits per byte, a DVC plot), reports/report.md + reports/*.png; logs the metrics as
        `<model>.<metric>`, the report and the plots to MLflow.
 How each model is scored (windows, stride, the RNN's carried state): lmpipe/evaluation/.
 """
@@ -15,14 +16,38 @@ from pathlib import Path
 
 from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import flatten, stage_logger
-from lmpipe.core.names import CHAT_MODELS, LOSS_CSV, MODEL_CONFIG_FILE, MODEL_STAGE, SOURCE_FILE
+from lmpipe.core.names import (
+    CHAT_MODELS,
+    LOSS_CSV,
+    MODEL_CONFIG_FILE,
+    MODEL_STAGE,
+    SOURCE_FILE,
+)
 from lmpipe.core.params import EvaluateParams, Params
-from lmpipe.core.paths import corpus_dir, metrics_path, model_dir, plots_dir, reports_dir
-from lmpipe.core.records import read_json, read_loss_csv, read_stage_metrics, write_metrics
+from lmpipe.core.paths import (
+    corpus_dir,
+    metrics_path,
+    model_dir,
+    plots_dir,
+    reports_dir,
+)
+from lmpipe.core.records import (
+    read_json,
+    read_loss_csv,
+    read_stage_metrics,
+    write_csv,
+    write_metrics,
+)
 from lmpipe.core.stage import main_for
 from lmpipe.data.tokens import tokens_meta
+from lmpipe.evaluation.model_card import describe_model
 from lmpipe.evaluation.report import ReportData, environment_info, write_report
-from lmpipe.evaluation.scoring import ids_and_bytes, load_for_scoring, pick_device, score_ids
+from lmpipe.evaluation.scoring import (
+    ids_and_bytes,
+    load_for_scoring,
+    pick_device,
+    score_ids,
+)
 from lmpipe.models.sampling import generate, generate_text
 from lmpipe.models.store import load_model
 from lmpipe.ngram.sampling import generate_ids
@@ -124,6 +149,10 @@ def run(params: Params) -> None:
                                    if isinstance(stage_metrics[m].get(k), (int, float))})
         write_metrics(NAME, results)
         log.log_metrics(flatten(results))
+        # The bits-per-byte chart of `dvc plots show` / `dvc plots diff` (dvc.yaml: bits_per_byte)
+        write_csv(plots_dir(NAME) / "bits_per_byte.csv", ("model", "val_bpb", "test_bpb"),
+                  [{"model": m, "val_bpb": stage_metrics[m].get("val_bpb"),
+                    "test_bpb": results[m].get("test_bpb")} for m in folders])
 
         curves = {}
         for m in folders:
@@ -148,6 +177,7 @@ def run(params: Params) -> None:
             tokens_meta=tokens_meta(),
             split=SPLIT,
             scoring=scoring,
+            descriptions={m: describe_model(m) for m in folders},
         )
         files = write_report(reports_dir(), data)
         for f in files.values():

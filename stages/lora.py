@@ -24,7 +24,7 @@ from lmpipe.core.files import atomic_dir
 from lmpipe.core.metric_logger import stage_logger
 from lmpipe.core.names import WEIGHTS_FILE
 from lmpipe.core.params import Params
-from lmpipe.core.paths import models_dir
+from lmpipe.core.paths import lora_adapter_dir, models_dir
 from lmpipe.core.stage import main_for
 from lmpipe.finetune.lora import add_lora, merge_checked, save_adapter, target_modules
 from lmpipe.finetune.tuning import finetune, model_info, prepare, publish_finetuned
@@ -50,7 +50,7 @@ def run(params: Params) -> dict:
                          method=settings)
         extra: dict = {}
         if rt.is_main:   # two DVC outs, each published atomically: adapter/ and merged/
-            extra["adapter_bytes"] = save_adapter(model, out / "adapter")
+            extra["adapter_bytes"] = save_adapter(model, lora_adapter_dir())
             probe = data.val.examples[0].ids[: base.context_length]
             model, extra["merged_max_abs_diff"] = merge_checked(
                 model, torch.tensor([probe], device=rt.device))

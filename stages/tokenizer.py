@@ -18,7 +18,12 @@ import time
 from lmpipe.core.errors import InputError
 from lmpipe.core.files import atomic_dir, sha256_file
 from lmpipe.core.metric_logger import stage_logger
-from lmpipe.core.names import SPLITS, TOKENIZER_FILE, TOKENIZER_VOCAB_FILE, TOKENS_META_FILE
+from lmpipe.core.names import (
+    SPLITS,
+    TOKENIZER_FILE,
+    TOKENIZER_VOCAB_FILE,
+    TOKENS_META_FILE,
+)
 from lmpipe.core.params import Params
 from lmpipe.core.paths import corpus_dir, tokenizer_dir, tokens_dir
 from lmpipe.core.records import write_metrics

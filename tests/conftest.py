@@ -1,4 +1,6 @@
-"""Shared test fixtures: an offline environment, the data mirror, a scratch project root."""
+"""Shared test fixtures: an offline environment, the data mirror, a scratch project root; and
+the `gpu` marker: tests that need CUDA are deselected where there is none (listed at the end of
+the run, so they are never mistaken for passes), and run where there is (`-m gpu` alone)."""
 
 from __future__ import annotations
 
@@ -48,3 +50,29 @@ def project(tmp_path, monkeypatch, mlflow_uri, mirror) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+GPU_DESELECTED = pytest.StashKey[list]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """No CUDA device: deselect the `gpu` tests (a skip would hide them among the passes'
+    neighbours; deselected, they are counted apart and named in the summary)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch  # deferred: only when a gpu test was collected
+
+    if torch.cuda.is_available():
+        return
+    config.hook.pytest_deselected(items=gpu)
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    config.stash[GPU_DESELECTED] = [item.nodeid for item in gpu]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    ids = config.stash.get(GPU_DESELECTED, [])
+    if ids:
+        terminalreporter.section(f"{len(ids)} gpu test(s) deselected: no CUDA device here")
+        for nodeid in ids:
+            terminalreporter.line(f"DESELECTED {nodeid}")

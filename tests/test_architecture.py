@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmpipe.core.names import STAGES
+from lmpipe.core.names import CHECK_STAGE, STAGES
 from tests.conftest import REPO
 from tests.helpers.imports import (
     import_closure,
@@ -42,7 +42,7 @@ def uncovered_imports(stage: str, spec: dict) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [CHECK_STAGE, *STAGES])
 def test_stage_deps_cover_every_file_the_stage_imports(stage):
     """Editing any file a stage imports must make `dvc status` report the stage."""
     missing = uncovered_imports(stage, DVC_YAML)

@@ -156,6 +156,7 @@ def test_stop_and_resume_gives_byte_identical_weights(tmp_path, optimizer, preci
     assert weights_bytes(straight, tmp_path / "a.st") == weights_bytes(resumed, tmp_path / "b.st")
     assert [h["train_loss"] for h in res_a.history] == [h["train_loss"] for h in res_b.history]
     assert res_a.val_loss == res_b.val_loss
+    assert (res_a.best_step, res_a.best_val_loss) == (res_b.best_step, res_b.best_val_loss)
 
 
 def _wait_for(path_glob_dir, proc, timeout=300):

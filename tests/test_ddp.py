@@ -78,3 +78,53 @@ def test_nproc_param_relaunches_the_stage_under_torchrun(tmp_path):
     assert "world size 2" in proc.stderr
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
     assert metrics["tokens_seen"] == 4 * 2 * 4 * 32   # steps x ranks x batch x context
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ddp_gradient_is_the_mean_over_ranks_with_plain_sgd(tmp_path):
+    """Plain SGD, no clipping (tests/helpers/ddp_sgd.py): the weights move by lr x gradient,
+    so two ranks must follow one process with the doubled batch step for step; a gradient
+    summed over ranks, or scaled by any constant, would not."""
+    from lmpipe.models.store import build_model
+    from tests.helpers.ddp_sgd import CONFIG
+    from tests.helpers.trainer import REPO
+
+    env = stage_env(tmp_path)
+    two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tests.helpers.ddp_sgd", str(tmp_path / "two.safetensors"), "4"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "the 2 DDP replicas hold identical weights" in two.stderr
+    one = subprocess.run([PY, "-m", "tests.helpers.ddp_sgd", str(tmp_path / "one.safetensors"),
+                          "8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+    torch.manual_seed(0)
+    init = build_model("transformer", CONFIG).state_dict()
+    w_two, w_one = load_file(tmp_path / "two.safetensors"), load_file(tmp_path / "one.safetensors")
+    assert w_two.keys() == w_one.keys() == init.keys()
+    d_two = torch.cat([(w_two[k] - init[k]).flatten() for k in sorted(init)])
+    d_one = torch.cat([(w_one[k] - init[k]).flatten() for k in sorted(init)])
+    # A gradient off by a factor c moves the weights by about c times as much: the updates
+    # must agree to a small fraction of their own size (float rounding only).
+    assert float(d_one.norm()) > 0.1
+    assert float((d_two - d_one).norm() / d_one.norm()) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_input_error_under_torchrun_keeps_exit_code_2(tmp_path):
+    """`train.nproc_per_node: 2` and no token files: each rank fails with InputError, and the
+    stage command (what `dvc repro` and the flow run) exits 2, not torchrun's 1."""
+    import shutil
+
+    overlay = _overlay(4, "adamw")
+    overlay["pretrain"]["train"].update(nproc_per_node=2, max_steps=4)
+    project = make_project(tmp_path / "p", overlay)
+    shutil.rmtree(project / "data" / "tokens")
+    proc = subprocess.run([PY, "-m", "stages.pretrain"], cwd=project, env=stage_env(project),
+                          capture_output=True, text=True, timeout=240)
+    assert "launching 2 processes" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "data/tokens/meta.json: token files not found; run `dvc repro tokenizer`" in proc.stderr
+    assert "rank 0 exited with 2" in proc.stderr or "rank 1 exited with 2" in proc.stderr

@@ -45,7 +45,10 @@ def test_eval_prints_the_library_figures(cli_project, tok, capsys, model):  # no
     data = json.loads(capsys.readouterr().out)
     assert data["ppl"] == pytest.approx(expected.ppl, rel=1e-9)
     assert data["bpb"] == pytest.approx(expected.bpb, rel=1e-9)
-    assert data["text_bytes"] == len(TEXT.encode("utf-8"))
+    assert data["bytes"] == len(TEXT.encode("utf-8")) and data["tokens"] == expected.n_tokens
+    # each figure once, under one name (no `bpb` beside `text_bpb`)
+    assert set(data) == {"model", "file", "ppl", "bpb", "loss", "tokens", "bytes",
+                         "tokens_per_second", "seconds", "warning"}
 
 
 def test_eval_stride_option_matches_the_library(cli_project, tok, capsys):  # noqa: F811
@@ -111,9 +114,23 @@ def test_eval_help_has_an_example(capsys):
 
 
 def test_eval_ngram_matches_the_library(cli_project, tok, capsys):  # noqa: F811
-    pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
     path = cli_project / "text.txt"
     path.write_text(TEXT, encoding="utf-8")
     expected = score_text(cli_project / "data" / "models" / "ngram", TEXT, tokenizer=tok)
     assert main(["eval", "--model", "ngram", "--text", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bpb"] == pytest.approx(expected.bpb, rel=1e-9)
+
+
+def test_eval_warns_that_a_few_bytes_say_little(cli_project, capsys):
+    path = cli_project / "tiny.txt"
+    path.write_text("Hi\n", encoding="utf-8")
+    assert main(["eval", "--model", "transformer", "--text", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["bytes"] == 3 and data["warning"].startswith(f"only {data['tokens']} tokens")
+    assert "lmpipe eval: warning: only" in captured.err and "says little" in captured.err
+    long = cli_project / "long.txt"
+    long.write_text(TEXT * 8, encoding="utf-8")
+    assert main(["eval", "--model", "transformer", "--text", str(long), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["warning"] is None and "warning" not in captured.err

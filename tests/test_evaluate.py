@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -300,7 +300,6 @@ def test_score_text_is_the_split_scoring_of_one_document(eval_project, tok):
 
 # ----------------------------------------------------------------------------- n-gram
 def test_ngram_ppl_equals_what_lmpipe_ngram_computes(eval_project, assets, tok, test_ids):
-    pytest.importorskip("lmpipe.ngram", reason="lmpipe.ngram is written by the ngram stage's issue")
     from lmpipe.ngram.model import NgramModel
 
     folder = eval_project / "data" / "models" / "ngram"
@@ -349,7 +348,8 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert metrics["lora"]["trainable_params"] == 512
 
     report = (eval_project / "reports" / "report.md").read_text()
-    assert "| model | stage | parameters | train time (s) | tokens seen | val ppl | test ppl |" in report
+    assert ("| model | stage | parameters | train time (s) | tokens seen | stopped by | "
+            "published step | val ppl | test ppl |") in report
     for name in ALL:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert f"{metrics[name]['test_bpb']:,.3f}" in row
@@ -362,6 +362,12 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert (f"| test | {test_split['documents']} | 9 | {test_split['bytes']:,} | "
             f"{test_split['tokens']:,} |") in report
     assert "## Samples" in report and "### transformer" in report and "ROMEO:" in report
+    what = report.split("## What these models are")[1].split("\n## ")[0]   # said plainly
+    for name in ALL:
+        assert f"- {name}: a" in what
+    assert "small demonstration model" in what and "instruction examples" in what
+    bpb_csv = (eval_project / "plots" / "evaluate" / "bits_per_byte.csv").read_text().splitlines()
+    assert bpb_csv[0] == "model,val_bpb,test_bpb" and len(bpb_csv) == 1 + len(ALL)   # DVC plot
     assert "### ngram" in report and "[no sample" not in report
     for png in ("loss_curves.png", "bits_per_byte.png"):
         data = (eval_project / "reports" / png).read_bytes()
@@ -441,13 +447,20 @@ def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_pa
     data = ReportData(
         results={"ngram": {"test_bpb": 2.0, "test_ppl": 30.0, "params": 5000},
                  "transformer": {"test_bpb": 1.5, "test_ppl": 12.0, "params": 100}},
-        stage_metrics={"transformer": {"train_seconds": 60.0, "tokens_seen": 1_000_000}},
+        stage_metrics={"transformer": {"train_seconds": 60.0, "tokens_seen": 1_000_000,
+                                       "stopped_by": "max_tokens", "selected_step": 300}},
     )
     files = write_report(tmp_path / "reports", data)
     report = files["report"].read_text()
     assert "Best model on the test split: **transformer** at 1.5000 bits per byte." in report
-    assert "| ngram | ngram | 5,000 | - | - | - | 30.000 | 2.000 | +33.3% |" in report
-    assert "| transformer | pretrain | 100 | 60.000 | 1,000,000 | - | 12.000 | 1.500 | best |" in report
+    assert "| ngram | ngram | 5,000 | - | - | - | - | - | 30.000 | 2.000 | +33.3% |" in report
+    assert ("| transformer | pretrain | 100 | 60.000 | 1,000,000 | max_tokens | 300 | - | "
+            "12.000 | 1.500 | best |") in report
+    assert "max_seconds" not in report
+    # a model stopped by the wall clock is flagged: it is not reproducible
+    data.stage_metrics["transformer"]["stopped_by"] = "max_seconds"
+    report = write_report(tmp_path / "again", data)["report"].read_text()
+    assert "**Warning**: transformer stopped on train.max_seconds" in report
     assert "SFT versus LoRA" not in report
     for key in ("loss", "bpb"):
         assert files[key].read_bytes().startswith(PNG_MAGIC)

@@ -121,6 +121,37 @@ def test_adapter_roundtrip_and_merge_equal_base_plus_adapter(tmp_path, tied):
     assert size < merged_bytes / 2
 
 
+SAVE_AN_ADAPTER = """
+import sys, torch
+from lmpipe.finetune.lora import add_lora, save_adapter
+from lmpipe.models.store import build_model
+torch.manual_seed(0)
+model = build_model("transformer", dict(vocab_size=40, context_length=16, n_layer=1, n_head=2,
+                                        d_model=16))
+torch.manual_seed(1)
+save_adapter(add_lora(model, r=2, alpha=4, dropout=0.0,
+                      targets=["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]), sys.argv[1])
+"""
+
+
+def test_the_saved_adapter_does_not_depend_on_the_string_hash_seed(tmp_path):
+    """peft keeps target_modules in a set; the saved config must not follow the set's
+    process-dependent order (two processes with different PYTHONHASHSEED, the same bytes)."""
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", SAVE_AN_ADAPTER, str(tmp_path / seed)], env=env,
+                       check=True, timeout=300)
+        out[seed] = {f: (tmp_path / seed / f).read_bytes() for f in ADAPTER_FILES}
+    assert out["1"] == out["2"] == out["3"]
+    assert json.loads(out["1"]["adapter_config.json"])["target_modules"] == [
+        "attn.proj", "attn.qkv", "mlp.fc", "mlp.proj"]
+
+
 def test_load_adapter_names_a_missing_folder(tmp_path):
     with pytest.raises(InputError, match="not a LoRA adapter"):
         load_adapter(base(), tmp_path / "nothing")

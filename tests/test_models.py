@@ -312,7 +312,7 @@ def test_bad_configs_are_input_errors():
 
 # ----------------------------------------------------------------------------- LoRA hooks
 def test_linear_layers_have_names_peft_can_target():
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny_transformer()
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "blocks.0.mlp.proj",

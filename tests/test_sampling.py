@@ -192,7 +192,7 @@ def test_generate_restores_training_mode_and_accepts_wrapped_models():
     model = transformer().train()
     generate(model, [1, 2], 3)
     assert model.training
-    peft = pytest.importorskip("peft")
+    import peft
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["qkv", "fc"]))
     assert generate(lora, [1, 2], 6, temperature=0.0) == generate(transformer(), [1, 2], 6,
                                                                     temperature=0.0)
@@ -229,8 +229,10 @@ def test_generate_text_loads_the_model_and_continues_the_prompt(tmp_path, fake_t
     assert text == "abc" + FakeTokenizer().decode(ids)
     empty = generate_text(tmp_path / "m", "", max_new_tokens=5, temperature=0.0, device="cpu")
     assert empty == FakeTokenizer().decode(generate(model, [0], 5, temperature=0.0, stop_ids=(0,)))
-    # CTX - 2 prompt tokens + EOS leave one position; CTX - 1 leave none
-    assert generate_text(tmp_path / "m", "a" * (CTX - 2), max_new_tokens=3, device="cpu")
+    # CTX - 2 prompt tokens + EOS leave one position (and the cache then slides); CTX - 1 none
+    edge = generate_text(tmp_path / "m", "a" * (CTX - 2), max_new_tokens=3, device="cpu")
+    ids = generate(model, [0] + [1] * (CTX - 2), 3, temperature=0.8, stop_ids=(0,), seed=0)
+    assert ids and edge == "a" * (CTX - 2) + FakeTokenizer().decode(ids)
     with pytest.raises(InputError, match=f"{CTX - 1} tokens \\({CTX} with the EOS.*context is "
                                          f"{CTX} tokens.*no room"):
         generate_text(tmp_path / "m", "a" * (CTX - 1), device="cpu")

@@ -107,3 +107,31 @@ def test_log_input_records_a_dataset_with_its_digest(project, mlflow_uri):
     inputs = MlflowClient(mlflow_uri).get_run(run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("train", "abc123")]
     assert inputs[0].tags[0].value == "train"
+
+
+def test_flatten_numbers_lists_of_mappings_so_a_diff_names_the_field():
+    flat = flatten({"download": {"files": [{"url": "a", "sha256": "b"}], "tags": ["x", "y"]}})
+    assert flat == {"download.files.0.url": "a", "download.files.0.sha256": "b",
+                    "download.tags": ["x", "y"]}
+
+
+def test_pipeline_run_name_says_what_changed_against_head():
+    from lmpipe.tracking.pipeline_run import changed_params, run_name
+
+    head = {"ngram.order": "4", "seed": "1337", "a": "1", "b": "2", "c": "3"}
+    now = {**head, "ngram.order": "5"}
+    assert run_name("exp order5", changed_params(now, head)) == "exp order5 · ngram.order=5"
+    assert run_name("dvc repro", {}) == "dvc repro · HEAD params"
+    many = {"a": "9", "b": "9", "c": "9", "seed": "9"}
+    assert run_name("lmpipe run", changed_params({**head, **many}, head)) == \
+        "lmpipe run · seed=9, a=9, b=9 (+1 more)"
+    assert run_name("dvc repro", {"x": "1"}, have_head=False) == "dvc repro"
+
+
+def test_the_experiment_opens_on_the_training_runs_table(project, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    with stage_logger("download", experiment="test-kind"):
+        pass
+    exp = MlflowClient(mlflow_uri).get_experiment_by_name("test-kind")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

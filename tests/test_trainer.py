@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from tests.helpers.trainer import (
     safetensors_parts,
     tiny_train,
 )
+from tests.test_checkpoint import weights_bytes
 
 CPU = Runtime(device=torch.device("cpu"), dtype=None, threads=1)
 
@@ -43,30 +46,112 @@ def test_warmup_then_cosine_values():
     assert lr_at(110, **kw) == pytest.approx(0.1)        # ends at min_lr
     assert lr_at(500, **kw) == pytest.approx(0.1)        # and stays there
     assert lr_at(35, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
-    # a time budget drives the decay through `progress`
-    assert lr_at(50, **kw, progress=1.0) == pytest.approx(0.1)
-    assert lr_at(50, **kw, progress=0.5) == pytest.approx(0.55)
     # no warmup
     assert lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0)
 
 
-def test_time_budget_decays_to_min_lr(monkeypatch):
-    """With max_seconds the cosine follows the clock and the run stops at the budget."""
-    model = tiny_transformer()
-    toks = markov_tokens(3000, 32)
-    clock = iter(range(0, 10_000))   # perf_counter advances one "second" per call
+class FakeClock:
+    """time.perf_counter for the trainer: advances 1 ms per reading, plus whatever `stall`
+    adds (a machine that is busy with something else)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+class StallingBatches(TokenBatches):
+    """Token batches whose loading stalls `seconds` of (fake) wall time before `at` batches."""
+
+    def __init__(self, *args, clock: FakeClock, at: set[int], seconds: float, **kw):
+        super().__init__(*args, **kw)
+        self.clock, self.at, self.seconds, self.served = clock, at, seconds, 0
+
+    def next(self):
+        if self.served in self.at:
+            self.clock.now += self.seconds
+        self.served += 1
+        return super().next()
+
+
+def test_a_busy_machine_trains_byte_identical_weights(monkeypatch, tmp_path):
+    """Issue 18: with max_seconds set but never reached, stalls in data loading (another
+    process on the machine) must not change any learning rate, hence any weight."""
     import lmpipe.train.trainer as tr
 
+    toks = markov_tokens(3000, 32)
+    outcome = {}
+    for name, stalls in (("quiet", set()), ("busy", {3, 4, 5})):
+        clock = FakeClock()
+        monkeypatch.setattr(tr.time, "perf_counter", clock)
+        model = tiny_transformer()
+        cfg = tiny_train(max_steps=60, max_seconds=10_000, warmup_steps=2, eval_every=20)
+        batches = StallingBatches(toks, 16, 4, seed=0, clock=clock, at=stalls, seconds=2_000)
+        res = Trainer(model, cfg, batches=batches, rt=CPU,
+                      eval_batches=eval_batches(toks, 16, 4, 2)).fit()
+        outcome[name] = ([h["lr"] for h in res.history], res.seconds,
+                         weights_bytes(model, tmp_path / f"{name}.st"), res)
+    assert outcome["busy"][1] > 6_000 > outcome["quiet"][1]    # the stalls did happen
+    assert outcome["busy"][0] == outcome["quiet"][0]           # the same schedule, step by step
+    assert outcome["busy"][2] == outcome["quiet"][2]           # byte-identical weights
+    assert all(o[3].stopped_by == "max_steps" and o[3].step == 60 for o in outcome.values())
+
+
+def test_max_seconds_stops_the_run_records_it_and_never_bends_the_schedule(monkeypatch):
+    """max_seconds is a guard: the lr of every step it lets run is the step schedule's, and
+    the result says the run was stopped by it (with a warning: not reproducible)."""
+    import lmpipe.train.trainer as tr
+
+    clock = iter(range(0, 10_000))   # perf_counter advances one "second" per reading
     monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
+    model = tiny_transformer()
     cfg = tiny_train(max_steps=1000, max_seconds=20, warmup_steps=2, eval_every=1000)
-    t = Trainer(model, cfg, batches=TokenBatches(toks, 16, 4, seed=0), rt=CPU)
-    res = t.fit()
-    assert res.step < 1000 and res.seconds >= 20
-    lrs = [h["lr"] for h in res.history]
-    assert lrs[0] == pytest.approx(cfg.lr / 2)
-    assert max(lrs) == pytest.approx(cfg.lr)
-    assert lrs[-1] < 0.2 * cfg.lr                          # close to min_lr at the end
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # monotone decay after warmup
+    t = Trainer(model, cfg, batches=TokenBatches(markov_tokens(3000, 32), 16, 4, seed=0), rt=CPU)
+    with pytest.warns(RuntimeWarning, match="stopped by train.max_seconds"):
+        res = t.fit()
+    assert res.stopped_by == "max_seconds" and res.step < 1000 and res.seconds >= 20
+    want = [lr_at(i, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=2, max_steps=1000)
+            for i in range(res.step)]
+    assert [h["lr"] for h in res.history] == pytest.approx(want)
+    assert res.history[-1]["lr"] > 0.9 * cfg.lr                # nowhere near the decay's end
+
+
+def test_stopped_by_names_the_budget_that_ended_the_run():
+    toks = markov_tokens(3000, 32)
+    for overrides, reason in ((dict(max_steps=5, max_tokens=None), "max_steps"),
+                              (dict(max_steps=None, max_tokens=4 * 16 * 3), "max_tokens"),
+                              (dict(max_steps=50, max_tokens=4 * 16 * 3), "max_tokens"),
+                              (dict(max_steps=3, max_tokens=4 * 16 * 3), "max_steps")):
+        t = Trainer(tiny_transformer(), tiny_train(**overrides),
+                    batches=TokenBatches(toks, 16, 4, seed=0), rt=CPU)
+        res = t.fit()
+        assert (res.stopped_by, res.step) == (reason, 3 if reason == "max_tokens" else
+                                              overrides["max_steps"]), overrides
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_select_publishes_the_best_or_the_last_step(select):
+    """The model holds the weights of the lowest periodic val loss (select: best) or of the
+    last step; the result names the best step either way."""
+    from lmpipe.train.trainer import evaluate_loss
+
+    train, val = markov_tokens(600, 32, seed=1), markov_tokens(2000, 32, seed=2)
+    evals = eval_batches(val, 16, 8, None)
+    assert sum(x.shape[0] for x, _ in evals) == (len(val) - 1) // 16   # the whole split
+    model = tiny_transformer(vocab=32)
+    cfg = tiny_train(max_steps=120, eval_every=10, lr=3e-2, min_lr=3e-2, weight_decay=0.0,
+                     select=select)
+    res = Trainer(model, cfg, batches=TokenBatches(train, 16, 8, seed=0), rt=CPU,
+                  eval_batches=evals).fit()
+    vals = [(h["val_loss"], h["step"]) for h in res.history if h["val_loss"] is not None]
+    best_val, best_step = min(vals)
+    assert (res.best_step, res.best_val_loss) == (best_step, best_val)
+    assert best_step < 120 and res.final_val_loss == vals[-1][0] > best_val  # it overfits
+    expected = (best_step, best_val) if select == "best" else (120, res.final_val_loss)
+    assert (res.selected_step, res.val_loss) == expected
+    assert evaluate_loss(model, evals, CPU) == pytest.approx(expected[1], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -108,12 +193,29 @@ def test_muon_optimizer_trains():
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] - 0.5
 
 
-def test_precision_choice():
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (x86 `flags`, arm64 `Features`)."""
+    text = Path("/proc/cpuinfo").read_text()
+    return set(re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M).group(1).split())
+
+
+def test_precision_choice_on_cpu():
+    """`auto` is bf16 exactly where the CPU has native bf16 instructions (x86: AVX512-BF16 or
+    AMX-BF16; arm64: BF16), read here from the CPU's own flags, not from what torch says."""
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    auto = resolve_precision("auto", cpu)
-    assert auto in (None, torch.bfloat16)
+    native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+
+
+@pytest.mark.gpu
+def test_precision_choice_on_cuda():
+    """`auto` on a GPU: bf16 from compute capability 8.0 (Ampere) on, where it is native."""
+    gpu = torch.device("cuda", 0)
+    native = torch.cuda.get_device_capability(gpu) >= (8, 0)
+    assert resolve_precision("auto", gpu) is (torch.bfloat16 if native else None)
+    assert resolve_precision("fp32", gpu) is None
 
 
 # ----------------------------------------------------------------------------- learning

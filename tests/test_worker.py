@@ -13,15 +13,14 @@ import yaml
 
 from tests.helpers import servers as T
 
-pytestmark = pytest.mark.slow
+# The session's deployed smoke run (a Prefect server, the real stages) is set up by the
+# first test that asks for it: that test carries its time.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory, mirror):
-    import os
-
-    os.environ.setdefault("LMPIPE_MIRROR", str(mirror))
-    return T.deployed_smoke_run(tmp_path_factory.mktemp("smoke"))
+    return T.deployed_smoke_run(tmp_path_factory.mktemp("smoke"), mirror)
 
 
 def _why(smoke) -> str:

@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
-from lmpipe.cli.common import check_sampling_args, model_folder
+from lmpipe.cli.common import (
+    MODELS_NOTE,
+    check_sampling_args,
+    describe_model,
+    model_source,
+)
+from lmpipe.cli.text_out import HoldingTokenizer, dropped_note
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import CHAT_MODELS, DEFAULT_SYSTEM_PROMPT
 
 QUIT = ("/quit", "/exit")
+EPILOG = """\
+examples:
+  lmpipe chat --model lora
+  lmpipe chat --model sft --prompt "Give three tips for staying healthy." --temperature 0
+
+""" + MODELS_NOTE
 HELP = "commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
 
@@ -22,14 +35,14 @@ def register(sub) -> None:
     p = sub.add_parser(
         "chat",
         help="chat with the SFT or LoRA model (interactive, or one answer with --prompt)",
-        description="Answer prompts with an instruction-tuned model through the chat template "
-        "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").",
-        epilog='examples:\n  lmpipe chat --model lora\n'
-               '  lmpipe chat --model sft --prompt "Give three tips for staying healthy." '
-               '--temperature 0',
+        description=textwrap.fill("Answer prompts with an instruction-tuned model through the chat template "
+        "it was trained on. Without --prompt, reads prompts interactively (" + HELP + ").", width=88),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="sft", help=f"one of: {', '.join(CHAT_MODELS)} (default: sft)")
+    p.add_argument("--model", default="sft",
+                   help=f"one of: {', '.join(CHAT_MODELS)} (default: sft); or a registered "
+                   "one: models:/lmpipe-sft@champion, models:/NAME/VERSION, an MLflow run id")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--system", default=None,
                    help="system line (default: the one the model was trained with, recorded "
@@ -56,8 +69,9 @@ def run(args) -> int:
     from lmpipe.tokenizer.model import Tokenizer
 
     check_sampling_args(args)
-    folder = model_folder(args.model, CHAT_MODELS)
-    tok = Tokenizer.load()
+    src = model_source(args.model, CHAT_MODELS)
+    folder = src.folder
+    tok = HoldingTokenizer(Tokenizer.load(src.tokenizer))   # never a U+FFFD for a cut character
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_model(folder, device=device)
     system = args.system if args.system is not None else info.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
@@ -73,12 +87,16 @@ def run(args) -> int:
             seed=args.seed + turn, device=device)
 
     if args.prompt is not None:
+        print(describe_model(args.model), file=sys.stderr)
         print(answer(args.prompt, (), 0))
+        if tok.dropped:
+            print(f"lmpipe chat: {dropped_note(tok.dropped)}", file=sys.stderr)
         return 0
 
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"lmpipe chat ({args.model}, {folder}); {HELP}", file=sys.stderr)
+        print(describe_model(args.model), file=sys.stderr)
     history: list[tuple[str, str]] = []
     turn = 0
     while True:

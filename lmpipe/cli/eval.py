@@ -11,9 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from lmpipe.cli.common import model_folder
+from lmpipe.cli.common import model_source
 from lmpipe.core.errors import InputError
 from lmpipe.core.names import MODELS
+
+MIN_TOKENS = 100   # below this many scored tokens, `eval` warns (short_text_warning)
 
 
 def register(sub) -> None:
@@ -27,7 +29,9 @@ def register(sub) -> None:
         epilog="example: lmpipe eval --model transformer --text notes.txt --stride 64",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--model", required=True,
+                   help=f"one of: {', '.join(MODELS)}; or a registered model: "
+                   "models:/lmpipe-transformer@champion, models:/NAME/VERSION, an MLflow run id")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window stride for Transformers (default: non-overlapping "
@@ -63,18 +67,27 @@ def run(args) -> int:
         pick_device,
         score_text,
     )
+    from lmpipe.tokenizer.model import (
+        Tokenizer,  # deferred: the library, with the above
+    )
 
     for name in ("stride", "rnn_context", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-    folder = model_folder(args.model)
+    src = model_source(args.model)
     text = read_text(args.text)
-    score = score_text(folder, text, device=pick_device(args.device, "--device"),
+    tok = Tokenizer.load(src.tokenizer) if src.tokenizer else None
+    score = score_text(src.folder, text, tokenizer=tok, device=pick_device(args.device, "--device"),
                        stride=args.stride, batch_size=args.batch_size,
                        rnn_context=args.rnn_context, progress=sys.stderr.isatty())
-    result = {"model": args.model, "file": str(args.text), **score.metrics("text"),
-              "ppl": score.ppl, "bpb": score.bpb}
+    warning = short_text_warning(score.n_tokens, score.n_bytes)
+    result = {"model": args.model, "file": str(args.text), "ppl": score.ppl, "bpb": score.bpb,
+              "loss": score.loss, "tokens": int(score.n_tokens), "bytes": int(score.n_bytes),
+              "tokens_per_second": score.tokens_per_second, "seconds": score.seconds,
+              "warning": warning}
+    if warning:
+        print(f"lmpipe eval: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -84,3 +97,18 @@ def run(args) -> int:
         print(f"loss           {score.loss:.6f} nats/token")
         print(f"throughput     {score.tokens_per_second:,.0f} tokens/s")
     return 0
+
+
+def short_text_warning(n_tokens: int, n_bytes: int) -> str | None:
+    """Why a figure from a short text means little, or None.
+
+    Every text is scored as one document: its first token is predicted from a document
+    boundary alone, and the EOS after it is predicted too. Over a handful of tokens those two
+    dominate (a 3-byte file gave perplexity 312,185), so below MIN_TOKENS the figure is
+    printed with a warning rather than as if it described the model."""
+    if n_tokens >= MIN_TOKENS:
+        return None
+    return (f"only {n_tokens} tokens ({n_bytes} bytes) scored: the first token (predicted from "
+            f"a document boundary) and the closing EOS dominate so short a text, so this "
+            f"perplexity says little about the model; score at least {MIN_TOKENS} tokens "
+            f"(a few hundred bytes)")

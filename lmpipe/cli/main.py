@@ -19,6 +19,9 @@ COMMANDS = {
     "eval": "eval",
     "lineage": "lineage",
     "sync-mlflow": "sync_mlflow",
+    "compare": "compare",
+    "results": "results",
+    "ui": "ui",
     "sweep": "sweep",
 }
 

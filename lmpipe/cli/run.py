@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmpipe.cli import profile as profile_cmd
-from lmpipe.core.errors import InputError
+from lmpipe.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, InputError
 from lmpipe.core.paths import project_root
 
 EPILOG = """\
@@ -140,11 +140,13 @@ def _run_flow(args, root: Path) -> int:
             report = None
     except PipelineFailed as err:
         print(f"lmpipe run: {err}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT if err.bad_input else EXIT_FAILURE
     print()
     print(pipe["markdown"], end="")
     if pipe.get("parent_run_id"):
-        print(f"\nMLflow parent run: {pipe['parent_run_id']} (`mlflow ui` to browse)")
+        print(f"\nMLflow parent run: {pipe['parent_run_id']} (`lmpipe ui` to browse)")
+    print("dvc.lock records this run: `git add dvc.lock metrics plots && git commit` keeps it "
+          "(or `dvc config core.autostage true` to stage it automatically)")
     if report:
         for line in report.get("summary", []):
             print(line)

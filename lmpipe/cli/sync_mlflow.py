@@ -19,7 +19,6 @@ from lmpipe.core.errors import InputError
 from lmpipe.core.git import git_state
 from lmpipe.core.params import tracking_experiment
 from lmpipe.core.paths import project_root
-from lmpipe.core.records import lock_md5
 
 
 def register(sub) -> None:
@@ -52,8 +51,9 @@ def run(args) -> int:
     # deferred: mlflow takes seconds to import, `lmpipe --help` should not
     from mlflow.tracking import MlflowClient
 
-    from lmpipe.core.metric_logger import MLflowLogger, default_tracking_uri
-    from lmpipe.tracking.pipeline_run import finish_pipeline_run
+    from lmpipe.core.metric_logger import default_tracking_uri
+    from lmpipe.core.params import load_params
+    from lmpipe.tracking.pipeline_run import finish_pipeline_run, open_pipeline_run
     from lmpipe.tracking.replay import replay_missing, stage_records
 
     root = project_root()
@@ -63,12 +63,15 @@ def run(args) -> int:
     git = git_state(root)
     # Read and check every stage's files before writing anything to MLflow.
     records = [] if args.no_replay else stage_records(root, git)
-    logger = MLflowLogger("pipeline", experiment=experiment)
+    try:
+        params = load_params(root / "params.yaml")
+    except InputError:
+        params = None   # the record is still worth keeping; its params are in dvc.lock
+    logger = open_pipeline_run(root, experiment, "sync-mlflow", params,
+                               tags={"lmpipe.sync": "true", "lmpipe.started_by": "sync-mlflow"})
     if not logger.run_id:
         print("lmpipe sync-mlflow: MLflow unavailable (see the warning above)")
         return 1
-    logger.set_tags({"lmpipe.kind": "pipeline", "lmpipe.sync": "true",
-                     "dvc_lock_md5": lock_md5(root), **git})
     status = "FAILED"
     try:
         _, digest = finish_pipeline_run(logger, root)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 
 def dvc_bin() -> str:
     """The `dvc` beside the running interpreter, else the one on PATH."""
@@ -42,3 +44,34 @@ def run_dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedP
         raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}): "
                            f"{(proc.stderr or proc.stdout).strip()}")
     return proc
+
+
+def cache_dir(root: Path) -> Path:
+    """The DVC cache of the repo at `root` (`dvc cache dir`: `.dvc/cache` unless configured)."""
+    return Path(run_dvc(root, "cache", "dir").stdout.strip())
+
+
+def cache_file(root: Path, md5: str) -> Path:
+    """Where DVC 3 keeps the bytes of a file whose md5 is `md5` (`files/md5/ab/cdef...`)."""
+    return cache_dir(root) / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def dvc_ancestor() -> psutil.Process | None:
+    """The `dvc` process (repro, exp run, exp exec-run) that started this one, if any.
+
+    DVC runs a stage command through the shell, so it is the parent or a near ancestor.
+    """
+    try:
+        for proc in psutil.Process().parents():
+            argv = proc.cmdline()
+            if any(Path(a).name == "dvc" for a in argv[:2]) or argv[1:3] == ["-m", "dvc"]:
+                return proc
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def execution_id(proc: psutil.Process) -> str:
+    """Names one execution of `dvc repro` / `dvc exp run`: the host, the dvc process and its
+    start time (a pid alone is reused)."""
+    return f"{os.uname().nodename}:{proc.pid}:{int(proc.create_time() * 1000)}"

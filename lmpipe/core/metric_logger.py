@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 from lmpipe.core.console import is_main_process
+from lmpipe.core.dvc_cli import dvc_ancestor, execution_id
 from lmpipe.core.git import git_state
 from lmpipe.core.names import PARENT_RUN_ENV
 from lmpipe.core.paths import project_root
@@ -77,12 +78,16 @@ class NullLogger:
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as their string form."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; a list of mappings is numbered ('files.0.url'), so
+    MLflow's "show diff only" names the one field that changed; other lists stay whole."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(i, Mapping) for i in v):
+            for i, item in enumerate(v):
+                out.update(flatten(item, f"{key}.{i}."))
         else:
             out[key] = v
     return out
@@ -113,30 +118,57 @@ def dvc_lock_deps(stage: str, root: Path | None = None) -> dict[str, str]:
     return result
 
 
-def ensure_experiment(client, experiment: str, uri: str) -> str:
-    """The id of MLflow experiment `experiment`, created when missing. A local store keeps
-    artifacts in mlartifacts/ at the root; a server uses LMPIPE_ARTIFACT_URI, else its own
-    default (e.g. `--artifacts-destination s3://...`)."""
+EXECUTION_TAG = "lmpipe.execution"   # names the `dvc repro` / `dvc exp run` a run belongs to
+# The experiment tag MLflow's UI reads to pick its first page: the training runs table, not
+# the GenAI overview it guesses for an untagged experiment (traces, token usage: all empty).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ensure_experiment(client, experiment: str) -> str:
+    """The id of `experiment`, created when missing (artifacts beside the store, or under
+    LMPIPE_ARTIFACT_URI for a server), and tagged to open on the training runs table."""
     exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = (project_root() / "mlartifacts").resolve().as_uri()
-    if not uri.startswith(("sqlite:", "file:")) and os.environ.get("LMPIPE_ARTIFACT_URI"):
-        artifacts = os.environ["LMPIPE_ARTIFACT_URI"]
-    elif not uri.startswith(("sqlite:", "file:")):
-        artifacts = None  # let the server choose (e.g. --default-artifact-root s3://...)
-    try:
-        return client.create_experiment(experiment, artifact_location=artifacts)
-    except Exception:  # created concurrently by another stage
-        return client.get_experiment_by_name(experiment).experiment_id
+    if exp is None:
+        artifacts = (project_root() / "mlartifacts").resolve().as_uri()
+        uri = client.tracking_uri
+        if not uri.startswith(("sqlite:", "file:")) and os.environ.get("LMPIPE_ARTIFACT_URI"):
+            artifacts = os.environ["LMPIPE_ARTIFACT_URI"]
+        elif not uri.startswith(("sqlite:", "file:")):
+            artifacts = None  # let the server choose (e.g. --default-artifact-root s3://...)
+        try:
+            exp_id = client.create_experiment(experiment, artifact_location=artifacts,
+                                              tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # created concurrently by another stage
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+    return exp_id
+
+
+def execution_parent(client, experiment_id: str) -> str | None:
+    """The pipeline run of the `dvc repro` / `dvc exp run` this process runs under, if the
+    `params` stage opened one (lmpipe/tracking/execution.py); None outside DVC."""
+    proc = dvc_ancestor()
+    if proc is None:
+        return None
+    found = client.search_runs([experiment_id], f"tags.`{EXECUTION_TAG}` = '{execution_id(proc)}'",
+                               max_results=1)
+    return found[0].info.run_id if found else None
 
 
 class MLflowLogger:
     """One MLflow run per stage execution; a child of the flow's run when one is given."""
 
-    def __init__(self, stage: str, experiment: str = "lmpipe", tracking_uri: str | None = None):
+    def __init__(self, stage: str, experiment: str = "lmpipe", tracking_uri: str | None = None,
+                 attach: str | None = None):
+        """A new run named `stage`, or with `attach` the existing run of that id."""
         self.stage = stage
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._attach = attach
         self._client = None
         self._warned = False
         # Fail fast instead of MLflow's default minutes of HTTP retries when a server is down.
@@ -173,9 +205,13 @@ class MLflowLogger:
         )
 
         client = MlflowClient(tracking_uri=uri)
-        exp_id = ensure_experiment(client, experiment, uri)
+        exp_id = ensure_experiment(client, experiment)
+        if self._attach:
+            client.get_run(self._attach)   # fails here, once, when the store is down
+            self._client, self.run_id, self.experiment_id = client, self._attach, exp_id
+            return
         tags = {"mlflow.runName": self.stage, "lmpipe.stage": self.stage, "dvc_stage": self.stage}
-        parent = os.environ.get(PARENT_RUN_ENV)
+        parent = os.environ.get(PARENT_RUN_ENV) or execution_parent(client, exp_id)
         if parent:
             tags["mlflow.parentRunId"] = parent
         tags.update(git_state())
@@ -183,24 +219,12 @@ class MLflowLogger:
         run = client.create_run(exp_id, run_name=self.stage, tags=tags)
         self._client = client
         self.run_id = run.info.run_id
+        self.experiment_id = exp_id
 
-    @classmethod
-    def existing(cls, run_id: str, name: str, tracking_uri: str | None = None) -> "MLflowLogger":
-        """Log to a run opened elsewhere: a sweep point's run, created by `lmpipe sweep` up
-        front so that a retried point keeps one run (pipeline/sweep_point.py)."""
-        self = cls.__new__(cls)
-        self.stage, self.run_id, self._client, self._warned = name, run_id, None, False
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        try:
-            from mlflow.tracking import MlflowClient  # deferred: mlflow takes seconds to import
-
-            client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
-            client.get_run(run_id)  # fails now, naming the run, when this store lacks it
-            self._client = client
-        except Exception as err:  # tracking must never fail the work
-            self._warn(err)
-        return self
+    @property
+    def client(self):
+        """The MlflowClient of this run (None when tracking is down), for reading runs back."""
+        return self._client
 
     # -- the interface
     def log_params(self, params: Mapping[str, Any]) -> None:

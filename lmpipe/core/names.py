@@ -10,6 +10,9 @@ from __future__ import annotations
 # The DVC stages, upstream first. The same word names the params.yaml section, the dvc.yaml
 # stage, the module stages/<name>.py, the MLflow run and metrics/<name>.json.
 STAGES = ("download", "tokenizer", "ngram", "rnn", "pretrain", "sft", "lora", "evaluate")
+# The stage before all of them: it checks params.yaml whole and opens the pipeline's MLflow
+# run (stages/params.py). It has no section, metrics file or model of its own.
+CHECK_STAGE = "params"
 
 # The models, by the names users type (`lmpipe eval --model transformer`), each with the
 # stage that trains it (its metrics file and loss curve are that stage's).
@@ -40,6 +43,13 @@ SOURCE_FILE = "source.json"                # where the raw data came from, with 
 LOSS_CSV = "loss.csv"                      # per-step loss of a training stage (DVC plots)
 LOSS_PNG = "loss.png"
 
+# The metrics keys (and checkpoint state fields) that measure wall-clock time or memory: they
+# differ between two runs of the same params by nature. Every other value a stage writes is
+# a function of the params and the data (tests/test_reproducible.py holds the pipeline to it).
+TIMING_FIELD_SUFFIXES = ("_seconds", "per_second", "peak_rss_mb", "elapsed")
+
 # Environment variables.
 PARENT_RUN_ENV = "LMPIPE_PARENT_RUN_ID"    # the MLflow run the stage runs are children of
 MIRROR_ENV = "LMPIPE_MIRROR"               # the offline mirror folder
+DVC_STAGE_ENV = "DVC_STAGE"                # set by DVC for the stage command it runs
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"          # set by `dvc exp run`: the experiment's name

@@ -281,8 +281,12 @@ class TrainParams(Section):
     """The shared trainer's settings (lmpipe/train/trainer.py), for every neural stage.
 
     Budget: the smaller of max_steps and max_tokens (global tokens: all ranks and micro-
-    batches), and optionally max_seconds of wall time. The cosine decay follows whichever
-    budget runs out first, so a wall-clock run still ends at min_lr.
+    batches). Nothing that shapes the weights reads the clock: the schedule, the evaluations
+    and the checkpoints are functions of the step, so the same params give the same model on
+    any machine under any load. max_seconds is only a guard a user may set: a run it stops is
+    recorded as such (`stopped_by: max_seconds`, with a warning) and is not reproducible; the
+    shipped profiles leave it null. With `select: best` the published weights are those of
+    the lowest periodic val loss (nanoGPT practice).
     """
 
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -318,9 +322,17 @@ class TrainParams(Section):
     max_steps: int | None = Field(default=1000, ge=1, description="optimizer steps")
     max_tokens: int | None = Field(default=None, ge=1, description="training tokens, all ranks")
     max_seconds: float | None = Field(
-        default=None, gt=0, description="wall-clock budget (not reproducible step for step)")
+        default=None, gt=0,
+        description="a wall-clock guard: stops the run (recorded as stopped_by: max_seconds, "
+        "not reproducible) without changing the schedule; null in every shipped profile")
     eval_every: int = Field(default=100, ge=1, description="val loss every N steps (and at the end)")
-    eval_batches: int = Field(default=8, ge=1, description="fixed val batches per evaluation")
+    eval_batches: int | None = Field(
+        default=8, ge=1,
+        description="fixed val batches per evaluation; null = every window of the val split")
+    select: Literal["best", "last"] = Field(
+        default="best",
+        description="publish the weights of the lowest periodic val loss (best) or of the last "
+        "step; metrics record best_step and best_val_loss either way")
     log_every: int = Field(default=10, ge=1, description="MLflow train-loss logging interval")
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -331,7 +343,7 @@ class TrainParams(Section):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr: must be <= lr ({self.lr}), got {self.min_lr}")
         if self.max_steps is None and self.max_tokens is None:
-            raise ValueError("set max_steps or max_tokens (max_seconds may cap either)")
+            raise ValueError("set max_steps or max_tokens (max_seconds is a guard, not a budget)")
         return self
 
 
@@ -344,7 +356,7 @@ class RnnParams(Section):
     # the RNN starts to overfit beyond) take 1.5-4 minutes; max_seconds caps a slow machine.
     train: TrainParams = Field(default_factory=lambda: TrainParams(
         lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.0, batch_size=32,
-        max_steps=None, max_tokens=1_500_000, max_seconds=240, eval_every=100,
+        max_steps=None, max_tokens=1_500_000, max_seconds=None, eval_every=100,
         checkpoint_every=200))
 
 
@@ -355,7 +367,7 @@ class PretrainParams(Section):
     # every step count tried here), at most 3M tokens (~7 epochs) on a faster machine.
     train: TrainParams = Field(default_factory=lambda: TrainParams(
         optimizer="muon", lr=6e-3, min_lr=6e-4, warmup_steps=30, weight_decay=0.1,
-        batch_size=16, max_steps=None, max_tokens=3_000_000, max_seconds=300, eval_every=100,
+        batch_size=16, max_steps=None, max_tokens=3_000_000, max_seconds=None, eval_every=100,
         checkpoint_every=200))
 
 

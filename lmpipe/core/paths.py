@@ -53,6 +53,11 @@ def model_dir(model: str) -> Path:
     return folder / "merged" if model == "lora" else folder
 
 
+def lora_adapter_dir() -> Path:
+    """The LoRA stage's PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    return models_dir() / "lora" / "adapter"
+
+
 def checkpoints_dir() -> Path:
     return data_dir() / "checkpoints"
 
@@ -67,6 +72,11 @@ def plots_dir(stage: str) -> Path:
 
 def reports_dir() -> Path:
     return project_root() / "reports"
+
+
+def params_stamp() -> Path:
+    """The out of the `params` stage that every other stage depends on (see stages/params.py)."""
+    return scratch_dir() / "params-checked"
 
 
 def scratch_dir() -> Path:

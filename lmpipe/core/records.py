@@ -142,11 +142,17 @@ def _cell(value: Any) -> str:
 
 
 def write_loss_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    return write_csv(path, LOSS_COLUMNS, rows)
+
+
+def write_csv(path: str | Path, columns: Iterable[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """A CSV for `dvc plots` (one row per record, empty cells for missing values), atomically."""
+    columns = list(columns)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(LOSS_COLUMNS)
+    w.writerow(columns)
     for row in rows:
-        w.writerow([_cell(row.get(c)) for c in LOSS_COLUMNS])
+        w.writerow([_cell(row.get(c)) for c in columns])
     write_text_atomic(path, buf.getvalue())
     return Path(path)
 

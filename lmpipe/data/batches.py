@@ -118,19 +118,21 @@ class TokenBatches:
         self.index = int(state["index"])
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int,
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int | None,
                  name: str = "val") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of windows spread evenly over a split, for the periodic val loss.
 
     The same windows every time (no randomness), so successive val losses are comparable
-    and the whole run is deterministic. Fewer batches come back when the split is short.
+    and the whole run is deterministic. Fewer batches come back when the split is short;
+    ``n_batches=None`` takes every non-overlapping window of the split (all of it but the
+    last partial window), which is what model selection on validation should see.
     """
     T = int(seq_len)
     n_windows = (len(tokens) - 1) // T
     if n_windows < 1:
         raise InputError(f"the {name} split has {len(tokens)} tokens: too few for one window of "
                          f"context_length + 1 = {T + 1} tokens")
-    want = min(n_windows, batch_size * n_batches)
+    want = n_windows if n_batches is None else min(n_windows, batch_size * n_batches)
     picks = np.unique(np.linspace(0, n_windows - 1, want).round().astype(np.int64))
     out = []
     for i in range(0, len(picks), batch_size):

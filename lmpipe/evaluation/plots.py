@@ -67,35 +67,57 @@ def write_loss_png(path: str | Path, rows: list[Mapping[str, Any]], title: str =
     return Path(path)
 
 
-def plot_loss_curves(curves: Mapping[str, list[dict[str, float]]], out: str | os.PathLike) -> Path:
-    """Train (solid) and validation (markers, dashed) loss of every neural model on one chart.
+# Corpus pretraining and instruction finetuning measure different losses (every token of the
+# corpus vs the response tokens of instruction examples): they get separate axes, never one.
+PANELS = (("corpus pretraining: loss on corpus tokens", ("rnn", "transformer")),
+          ("instruction finetuning: loss on response tokens", ("sft", "lora")))
 
-    The x axis is tokens seen when every curve records it (models with different batch sizes
-    are then comparable), else the optimizer step.
+
+def plot_loss_curves(curves: Mapping[str, list[dict[str, float]]], out: str | os.PathLike) -> Path:
+    """Train (solid) and validation (markers, dashed) loss of every neural model, corpus
+    pretraining and instruction finetuning side by side (PANELS)."""
+    return plot_runs_loss_curves({"": curves}, out, "Training and validation loss")
+
+
+def plot_runs_loss_curves(runs: Mapping[str, Mapping[str, list[dict[str, float]]]],
+                          out: str | os.PathLike, title: str) -> Path:
+    """The loss curves of one or more runs ({run label: {model: loss rows}}), overlaid: one
+    colour per model, one line style per run (`lmpipe compare` draws two).
+
+    The x axis of a panel is tokens seen when every curve in it records it (models with
+    different batch sizes are then comparable), else the optimizer step.
     """
-    x_key = "tokens" if curves and all(
-        any("tokens" in r for r in rows) for rows in curves.values()) else "step"
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, rows) in enumerate(curves.items()):
-        c = colors[i % len(colors)]
-        for col, style, label in (("train_loss", "-", "train"), ("val_loss", "o--", "val")):
-            pts = [(r[x_key], r[col]) for r in rows if x_key in r and col in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, color=c, label=f"{name} {label}", markersize=3,
-                        linewidth=1.2 if col == "train_loss" else 1.0)
-    if not curves:
-        ax.text(0.5, 0.5, "no loss curves found", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("tokens seen" if x_key == "tokens" else "step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Training and validation loss")
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    colors = dict(zip(("rnn", "transformer", "sft", "lora"), ("tab:blue", "tab:orange",
+                                                               "tab:green", "tab:red")))
+    dashes = ("-", "--", ":", "-.")
+    for ax, (panel, models) in zip(axes, PANELS):
+        rows_in = [rows for curves in runs.values() for m, rows in curves.items() if m in models]
+        x_key = "tokens" if rows_in and all(any("tokens" in r for r in rows)
+                                            for rows in rows_in) else "step"
+        for r_i, (label, curves) in enumerate(runs.items()):
+            for m in models:
+                for col, marker, kind in (("train_loss", "", "train"), ("val_loss", "o", "val")):
+                    pts = [(r[x_key], r[col]) for r in curves.get(m, []) if x_key in r and col in r]
+                    if pts:
+                        xs, ys = zip(*pts)
+                        ax.plot(xs, ys, marker=marker or None, markersize=3,
+                                linestyle=dashes[r_i % len(dashes)], color=colors.get(m),
+                                alpha=1.0 if col == "train_loss" else 0.7,
+                                label=" ".join(p for p in (label, m, kind) if p))
+        if not rows_in:
+            ax.text(0.5, 0.5, "no loss curves", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(fontsize=7, ncol=2)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("tokens seen" if x_key == "tokens" else "step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, format="png", metadata={"Software": None})
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
     return out
 

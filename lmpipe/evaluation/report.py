@@ -41,6 +41,7 @@ class ReportData:
     tokens_meta: dict[str, Any] = field(default_factory=dict)     # data/tokens/meta.json
     split: str = "test"
     scoring: str = ""                                  # how the neural models were scored
+    descriptions: dict[str, str] = field(default_factory=dict)   # model_card.describe_model
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -120,7 +121,7 @@ def render_markdown(data: ReportData) -> str:
     if best is not None:
         lines += [f"Best model on the {data.split} split: **{best}** at "
                   f"{_fmt(data.results[best].get(f'{data.split}_bpb'), 4)} bits per byte.", ""]
-    for section in (_models_section, _tuned_section, _data_section, _tokenizer_section,
+    for section in (_what_section, _models_section, _tuned_section, _data_section, _tokenizer_section,
                     _environment_section, _samples_section):
         lines += section(data)
     return "\n".join(lines).rstrip() + "\n"
@@ -131,17 +132,30 @@ def _best(data: ReportData) -> str | None:
                default=None)
 
 
+def _what_section(data: ReportData) -> list[str]:
+    if not data.descriptions:
+        return []
+    return (["## What these models are", ""] + [f"- {d}" for d in data.descriptions.values()]
+            + [""])
+
+
 def _models_section(data: ReportData) -> list[str]:
     split, best = data.split, _best(data)
     lines = ["## Models", "",
              f"Every model scores the same {split} tokens. Perplexity is per token of this "
              "tokenizer; bits per byte (bpb) divides the total NLL by the UTF-8 bytes of the "
              "text, so it does not depend on the tokenizer. Val perplexity is the training "
-             "stage's own figure.", ""]
+             "stage's own figure, of the weights it published (the step of its lowest val "
+             "loss unless `select: last`).", ""]
     if data.scoring:
         lines += [data.scoring, ""]
-    header = ["model", "stage", "parameters", "train time (s)", "tokens seen", "val ppl",
-              f"{split} ppl", f"{split} bpb", "vs best", f"{split} tokens", "scoring tok/s"]
+    timed = [m for m, sm in data.stage_metrics.items() if sm.get("stopped_by") == "max_seconds"]
+    if timed:
+        lines += [f"**Warning**: {', '.join(timed)} stopped on train.max_seconds (wall clock): "
+                  "these models depend on the machine's speed and are not reproducible.", ""]
+    header = ["model", "stage", "parameters", "train time (s)", "tokens seen", "stopped by",
+              "published step", "val ppl", f"{split} ppl", f"{split} bpb", "vs best",
+              f"{split} tokens", "scoring tok/s"]
     best_bpb = data.results[best].get(f"{split}_bpb") if best is not None else None
     rows = []
     for name, r in data.results.items():
@@ -152,6 +166,7 @@ def _models_section(data: ReportData) -> list[str]:
         rows.append([
             name, MODEL_STAGE.get(name, name), _first(r, "params") or _first(sm, "params"),
             _first(sm, "train_seconds"), _first(sm, "tokens_seen", "train_tokens"),
+            _first(sm, "stopped_by"), _first(sm, "selected_step"),
             _first(sm, "val_ppl"), r.get(f"{split}_ppl"), bpb, rel,
             r.get(f"{split}_tokens"), r.get("tokens_per_second"),
         ])

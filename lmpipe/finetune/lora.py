@@ -19,6 +19,7 @@ model, so the model is given a config subclass with `to_dict` for as long as pef
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -81,7 +82,10 @@ def save_adapter(peft_model, folder: str | os.PathLike) -> int:
     """Write the adapter alone (PEFT format) to `folder` atomically; returns its size in bytes.
 
     peft's generated model card (README.md, boilerplate) is not kept: the folder holds exactly
-    adapter_config.json and adapter_model.safetensors.
+    adapter_config.json and adapter_model.safetensors. peft keeps `target_modules` as a Python
+    set and writes it in the set's iteration order, which follows the process's string-hash
+    seed (PYTHONHASHSEED): the list is sorted, so the same adapter is the same bytes in any
+    process.
     """
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
@@ -89,6 +93,11 @@ def save_adapter(peft_model, folder: str | os.PathLike) -> int:
         for extra in Path(tmp).iterdir():
             if extra.name not in ADAPTER_FILES:
                 shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+        config = Path(tmp) / "adapter_config.json"
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        settings = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v
+                    for k, v in settings.items()}
+        config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return dir_size(folder)
 
 

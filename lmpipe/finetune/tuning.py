@@ -242,7 +242,8 @@ def model_info(stage: str, p, base: Base, tuned: Tuned) -> dict[str, Any]:
     return {"stage": stage, "base": str(base.folder.relative_to(project_root())),
             "context_length": base.context_length, "eos_id": base.tok.eos_id,
             "chat_template": "lmpipe.tokenizer.chat_template.encode_chat",
-            "system_prompt": p.system_prompt, "trained_steps": int(tuned.result.step)}
+            "system_prompt": p.system_prompt, "trained_steps": int(tuned.result.step),
+            "selected_step": tuned.result.selected_step}
 
 
 # ----------------------------------------------------------------------------- publishing
@@ -275,6 +276,7 @@ def publish_finetuned(stage: str, model: nn.Module, p, data: InstructData, base:
     metrics.update({
         **extra_metrics,
         "train_loss": result.train_loss,
+        **result.selection_metrics(),
         "params": int(count_parameters(base.model)),
         "trainable_params": int(trainable["trainable_params"]),
         "trainable_pct": trainable["trainable_pct"],
@@ -293,6 +295,7 @@ def publish_finetuned(stage: str, model: nn.Module, p, data: InstructData, base:
                                   title=f"{stage}: {trainable['trainable_params']:,} trainable params")
     written = write_metrics(stage, metrics)
     logger.log_metrics(written, step=result.step)
+    logger.set_tags({"stopped_by": result.stopped_by, "selected_step": result.selected_step})
     logger.log_text(samples_markdown(stage, rows, {"base model": before.answers, stage: tuned_answers},
                                      p), "samples.md")
     for f in plot_files.values():

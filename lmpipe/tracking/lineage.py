@@ -24,7 +24,7 @@ from lmpipe.core.dvc_cli import run_dvc
 from lmpipe.core.errors import InputError
 from lmpipe.core.git import git
 from lmpipe.core.metric_logger import default_tracking_uri
-from lmpipe.core.names import MODELS, STAGES
+from lmpipe.core.names import CHECK_STAGE, MODELS, STAGES
 from lmpipe.core.params import tracking_experiment
 from lmpipe.core.records import lock_md5, read_lock
 
@@ -59,14 +59,16 @@ def produced_under(lock: dict[str, dict], folder: str) -> list[tuple[str, str]]:
 
 
 def upstream_of(lock: dict[str, dict], stage: str) -> set[str]:
+    """The stages whose outs `stage` reads. The `params` check is left out: every stage
+    depends on its constant file only so that DVC runs it first; no data comes from it."""
     ups = set()
     for dep in lock.get(stage, {}).get("deps") or []:
         found = producer_of(lock, dep["path"])
-        if found and found[0] != stage:
+        if found and found[0] not in (stage, CHECK_STAGE):
             ups.add(found[0])
         # a dep that is a folder holding several outs (rare): all their producers
         for s, _ in produced_under(lock, dep["path"]):
-            if s != stage:
+            if s not in (stage, CHECK_STAGE):
                 ups.add(s)
     return ups
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmpipe.core.metric_logger import flatten
-from lmpipe.core.names import LOSS_CSV, LOSS_PNG
+from lmpipe.core.names import CHECK_STAGE, LOSS_CSV, LOSS_PNG
 from lmpipe.core.records import (
     numeric_leaves,
     read_lock,
@@ -110,7 +110,9 @@ def stage_record(root: Path, stage: str, entry: dict, git: dict[str, str]) -> St
 
 
 def stage_records(root: Path, git: dict[str, str]) -> list[StageRecord]:
-    return [stage_record(root, s, e or {}, git) for s, e in read_lock(root).items()]
+    """Every stage of dvc.lock that runs as an MLflow stage run (the `params` check does not)."""
+    return [stage_record(root, s, e or {}, git) for s, e in read_lock(root).items()
+            if s != CHECK_STAGE]
 
 
 # ----------------------------------------------------------------------------- MLflow side

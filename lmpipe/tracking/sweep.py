@@ -55,7 +55,7 @@ class SweepRuns:
 def open_sweep(client, experiment: str, name: str, params: dict[str, Any],
                tags: dict[str, str]) -> SweepRuns:
     """The parent run of sweep `name` (InputError when one with that name exists)."""
-    exp_id = ensure_experiment(client, experiment, default_tracking_uri())
+    exp_id = ensure_experiment(client, experiment)
     if find_sweep(client, experiment, name, required=False) is not None:
         raise InputError(f"--name: a sweep named {name!r} already exists in MLflow experiment "
                          f"{experiment!r}; choose another name")

@@ -4,9 +4,11 @@
         model.safetensors    weights (safetensors; tied tensors stored once)
         optimizer.pt         optimizer state dicts (torch.save; read back weights_only=True)
         rng.pt               every generator's state: python, numpy, torch, cuda, per rank
-        state.json           step, tokens, elapsed seconds, loader position, loss history and
-                             the run's *fingerprint* (model config + the params that shape the
-                             trajectory + a digest of the training data)
+        state.json           step, tokens, elapsed seconds, loader position, loss history, the
+                             best val loss so far and the run's *fingerprint* (model config +
+                             the params that shape the trajectory + a digest of the data)
+        best.safetensors     the weights of the lowest val loss so far (`select: best`), so a
+                             resumed run still publishes the best step's weights
 
 A folder is complete or absent: it is built under a temporary name and renamed into place
 (`lmpipe.core.files.atomic_dir`), so a kill at any moment leaves the previous checkpoints intact.
@@ -43,6 +45,7 @@ WEIGHTS = WEIGHTS_FILE
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
+BEST = "best.safetensors"
 
 
 class CheckpointError(InputError):
@@ -83,9 +86,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- identity
 # Train params that do not change the trajectory: changing them keeps the checkpoints usable.
+# (max_seconds only stops a run; select only picks which kept weights are published.)
 OPERATIONAL_KEYS = frozenset({"progress", "log_every", "eval_every", "eval_batches",
                               "checkpoint_every", "keep_checkpoints", "threads", "compile",
-                              "device"})
+                              "device", "max_seconds", "select"})
 
 
 def data_digest(tokens_dir: Path, split: str = "train") -> dict[str, Any]:
@@ -210,14 +214,18 @@ def set_aside(paths: Sequence[Path]) -> Path | None:
 # ----------------------------------------------------------------------------- save / load
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
                     optimizers: Sequence[torch.optim.Optimizer], state: dict[str, Any],
-                    rng: Any, keep: int = 2) -> Path:
+                    rng: Any, keep: int = 2,
+                    best: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `folder/step-XXXXXXXX/` atomically, then prune all but the newest `keep`.
 
-    `rng` is whatever `capture_rng` returned (a list of them under DDP, one per rank).
+    `rng` is whatever `capture_rng` returned (a list of them under DDP, one per rank); `best`,
+    a state dict of the best-val weights so far, goes to best.safetensors.
     """
     target = Path(folder) / f"step-{step:08d}"
     with atomic_dir(target) as tmp:
         safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        if best is not None:   # a copy per name (tied weights included): nothing shared
+            safetensors.torch.save_file(best, str(tmp / BEST))
         torch.save([opt.state_dict() for opt in optimizers], tmp / OPTIMIZER)
         torch.save(rng, tmp / RNG)
         write_json_atomic(tmp / STATE, {**state, "step": int(step)})
@@ -264,3 +272,15 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"{path / OPTIMIZER}: does not fit this optimizer: {err}") from None
     return state, rng
+
+
+def load_best(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The best-val weights saved with a checkpoint (None when it holds none)."""
+    file = Path(path) / BEST
+    if not file.is_file():
+        return None
+    try:
+        return safetensors.torch.load_file(str(file))
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable best-val weights: {err}; delete {path} to "
+                              "resume from the previous checkpoint") from None

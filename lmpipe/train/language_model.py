@@ -94,6 +94,7 @@ def publish_language_model(stage: str, model: nn.Module, result: TrainResult, da
     n_params = count_parameters(model)
     metrics = {
         "train_loss": round(result.train_loss, 6),
+        **result.selection_metrics(),
         "val_loss": round(total_nll / n_val, 6),
         "val_ppl": round(perplexity(total_nll, n_val), 6),
         "val_bpb": round(bits_per_byte(total_nll, val_bytes), 6),
@@ -106,19 +107,24 @@ def publish_language_model(stage: str, model: nn.Module, result: TrainResult, da
         "train_seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "score_seconds": round(score_s, 3),
+        "eval_seconds": round(result.eval_seconds, 3),
     }
     model_type = model_type_of(model)
     save_model(model, out_dir, model_type, model.config,
                extra={"context_length": int(context_length), "stage": stage,
                       "eos_id": data.eos_id, "trained_steps": int(result.step),
-                      "tokens_seen": int(result.tokens_seen)})
+                      "tokens_seen": int(result.tokens_seen),
+                      "selected_step": result.selected_step,
+                      "stopped_by": result.stopped_by})
     plot_files = write_loss_plots(plots_dir(stage), result.history,
                                   title=f"{stage}: {model_type}, {n_params:,} params")
     written = write_metrics(stage, metrics)
     logger.log_metrics(written, step=result.step)
+    logger.set_tags({"stopped_by": result.stopped_by, "selected_step": result.selected_step})
     for f in (*plot_files.values(), out_dir / MODEL_CONFIG_FILE):
         logger.log_artifact(f)
-    note(f"{stage}: val loss {metrics['val_loss']:.4f} nats/token, {metrics['val_bpb']:.4f} "
-         f"bits/byte; {metrics['tokens_seen']:,} tokens in {metrics['train_seconds']:.0f} s "
-         f"({metrics['tokens_per_second']:,.0f} tok/s)")
+    note(f"{stage}: published the weights of step {metrics['selected_step']} of "
+         f"{metrics['steps']} (stopped by {result.stopped_by}); val loss {metrics['val_loss']:.4f} nats/token, "
+         f"{metrics['val_bpb']:.4f} bits/byte; {metrics['tokens_seen']:,} tokens in "
+         f"{metrics['train_seconds']:.0f} s ({metrics['tokens_per_second']:,.0f} tok/s)")
     return written

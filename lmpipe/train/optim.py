@@ -28,18 +28,15 @@ from torch import nn
 from lmpipe.core.errors import InputError
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int,
-          progress: float | None = None) -> float:
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based: the step about to be taken).
 
     Linear warmup from lr/warmup to lr over `warmup_steps` steps, then cosine decay from lr
-    to min_lr; `progress` (0..1) overrides the step-based decay fraction (time budgets).
+    to min_lr at the last step. A function of the step alone: never of the clock.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    if progress is None:
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    p = min(1.0, max(0.0, progress))
+    p = min(1.0, max(0.0, (step - warmup_steps) / max(1, max_steps - warmup_steps)))
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * p))
 
 

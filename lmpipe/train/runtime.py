@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -57,12 +58,26 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}   # x86 AVX512-BF16, AMX; arm64 BF16
+
+
 def cpu_supports_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 matmuls natively (else they are emulated)."""
+    """Native bf16 instructions (x86: AVX512-BF16 or AMX; arm64: BF16), from the CPU's own
+    flags. oneDNN's own check also says yes on AVX512 cores that only emulate bf16, where
+    bf16 autocast is slower than fp32; it is the fallback where /proc/cpuinfo is missing."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    return bool(flags & NATIVE_BF16_FLAGS)
 
 
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
@@ -78,8 +93,8 @@ def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
 def resolve_precision(pref: str, device: torch.device) -> torch.dtype | None:
     if pref == "fp32":
         return None
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
+    if device.type == "cuda":   # native from Ampere (8.0) on; older GPUs emulate it
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         ok = cpu_supports_bf16()
     if pref == "bf16":

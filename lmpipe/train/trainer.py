@@ -11,15 +11,22 @@ What one optimizer step does
 
 Parameter groups and the schedule: lmpipe/train/optim.py.
 
-Schedule: ``lr(step) = lr * (step + 1) / warmup`` for the first ``warmup_steps`` steps, then
-``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2`` where p runs from 0 to 1 over the remaining
-steps. With a wall-clock budget (``max_seconds``) p is the larger of the step fraction and the
-time fraction, so the decay ends when the budget does, whichever comes first.
+Nothing that shapes the weights reads the clock
+-----------------------------------------------
+The schedule (warmup, then cosine decay to ``min_lr`` at the last step), the evaluations
+(every ``eval_every`` steps and at the last) and the checkpoints (every ``checkpoint_every``
+steps) are functions of the step. The budget is ``max_steps`` and/or ``max_tokens`` (global
+tokens, all ranks and micro-batches), whichever is smaller: the same params give the same
+model on any machine, under any load. ``max_seconds`` is a guard a user may add (resumes
+carry the elapsed time over): it stops the run without touching the schedule, and the result
+records ``stopped_by: max_seconds`` with a warning, because such a run is not reproducible.
 
-Budget: ``max_steps`` and/or ``max_tokens`` (global tokens, all ranks and micro-batches),
-whichever is smaller, and optionally ``max_seconds`` of wall time (checkpoint resumes carry the
-elapsed time over). A run that stops on ``max_seconds`` is not reproducible step for step
-(the step count depends on the machine's speed); a step or token budget is.
+Model selection on validation (``select: best``, nanoGPT's practice of keeping the weights
+of the best val loss): every evaluation measures the val loss on fixed windows
+(``eval_batches``; null = every window of the val split); the weights of the lowest one are
+kept (in memory, and as ``best.safetensors`` in each checkpoint, so a resumed run keeps
+them) and are what the model holds when ``fit`` returns. ``select: last`` keeps the last
+step's. Either way the result names the best step and its val loss.
 
 Checkpoints (lmpipe/train/checkpoint.py) every ``checkpoint_every`` steps and at the end; re-running
 resumes from the newest one of the same run. On CPU with the same params, a killed-then-
@@ -36,9 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,9 +53,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from lmpipe.core.console import note
+from lmpipe.core.console import note, progress
 from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import MetricLogger, NullLogger
 from lmpipe.core.names import IGNORE_INDEX
@@ -90,19 +96,45 @@ class TrainResult:
     step: int
     tokens_seen: int
     train_loss: float            # mean over the last `log_every` steps (or fewer)
-    val_loss: float | None       # the last periodic val loss on the fixed eval batches
+    val_loss: float | None       # periodic val loss of the weights returned (see `select`)
     seconds: float               # wall time of the whole run, resumed parts included
     resumed_from: int | None
     history: list[dict[str, Any]]
+    stopped_by: str = "max_steps"        # max_steps, max_tokens or max_seconds
+    best_step: int | None = None         # the step of the lowest periodic val loss
+    best_val_loss: float | None = None
+    final_val_loss: float | None = None  # the periodic val loss at the last step
+    selected_step: int | None = None     # the step whose weights the model holds on return
+    eval_seconds: float = 0.0            # this session's time in periodic evaluations
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens_seen / self.seconds if self.seconds > 0 else 0.0
 
+    def selection_metrics(self) -> dict[str, Any]:
+        """What stopped the run and which step's weights were published: the metrics every
+        training stage reports (metrics/<stage>.json)."""
+        def r6(v: float | None) -> float | None:
+            return None if v is None else round(v, 6)
+
+        per_step = self.tokens_seen // max(1, self.step)
+        return {"stopped_by": self.stopped_by, "selected_step": self.selected_step,
+                "best_step": self.best_step, "best_val_loss": r6(self.best_val_loss),
+                "final_val_loss": r6(self.final_val_loss),
+                "selected_tokens": int(self.selected_step or 0) * per_step}
+
 
 def _fmt_seconds(s: float) -> str:
     s = max(0, int(s))
     return f"{s // 60}:{s % 60:02d}"
+
+
+def stop_reason(cfg: Any, tokens_per_step: int, max_steps: int) -> str:
+    """Which budget ends a run that reaches `max_steps`: max_steps or max_tokens."""
+    by_tokens = (math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens is not None
+                 else None)
+    return "max_tokens" if by_tokens is not None and by_tokens == max_steps and (
+        cfg.max_steps is None or by_tokens < cfg.max_steps) else "max_steps"
 
 
 class Trainer:
@@ -146,11 +178,15 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
-        self.warmup_elapsed: float | None = None
         self.history: list[dict[str, Any]] = []
         self.last_val: float | None = None
         self.last_checkpoint: Path | None = None
         self.resumed_from: int | None = None
+        self.best_step: int | None = None
+        self.best_val: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None   # a CPU copy of the weights
+        self.eval_seconds = 0.0
+        self.stopped_by: str | None = None
 
     @staticmethod
     def resolve_max_steps(cfg: Any, tokens_per_step: int) -> int:
@@ -160,25 +196,32 @@ class Trainer:
         if cfg.max_tokens is not None:
             limits.append(max(1, math.ceil(cfg.max_tokens / tokens_per_step)))
         if not limits:
-            raise InputError("train: set max_steps or max_tokens (max_seconds alone is not a "
-                             "reproducible budget)")
+            raise InputError("train: set max_steps or max_tokens (max_seconds is a guard, not "
+                             "a reproducible budget)")
         return min(limits)
 
     # -- schedule
-    def progress(self) -> float | None:
-        """Decay fraction with a time budget (None: purely step-based)."""
-        cfg = self.cfg
-        if cfg.max_seconds is None or self.step < cfg.warmup_steps:
-            return None
-        start = self.warmup_elapsed or 0.0
-        by_time = (self.elapsed - start) / max(1e-9, cfg.max_seconds - start)
-        by_step = (self.step - cfg.warmup_steps) / max(1, self.max_steps - cfg.warmup_steps)
-        return max(by_time, by_step)
-
     def lr(self) -> float:
+        """The step's learning rate: a function of the step alone, never of the clock."""
         c = self.cfg
         return lr_at(self.step, lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps,
-                     max_steps=self.max_steps, progress=self.progress())
+                     max_steps=self.max_steps)
+
+    # -- model selection on validation
+    def _track_best(self, val: float) -> None:
+        """Keep a copy of the weights when `val` is the lowest periodic val loss so far."""
+        if math.isfinite(val) and (self.best_val is None or val < self.best_val):
+            self.best_val, self.best_step = val, self.step
+            # kept whatever `select` says, so switching it never needs a retrain
+            self.best_state = {k: v.detach().to("cpu", copy=True)
+                               for k, v in self.model.state_dict().items()}
+
+    def _restore_selected(self) -> int:
+        """Load the weights `select` publishes; returns their step."""
+        if self.cfg.select == "best" and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            return int(self.best_step)
+        return self.step
 
     def _set_lr(self, lr: float) -> None:
         scale = lr / self.cfg.lr
@@ -189,10 +232,10 @@ class Trainer:
     # -- checkpoints
     def _state(self) -> dict[str, Any]:
         return {"name": self.name, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "warmup_elapsed": self.warmup_elapsed, "max_steps": self.max_steps,
-                "loader": self.batches.state_dict(), "history": self.history,
-                "last_val": self.last_val, "world_size": self.rt.world_size,
-                "fingerprint": self.fingerprint}
+                "max_steps": self.max_steps, "loader": self.batches.state_dict(),
+                "history": self.history, "last_val": self.last_val,
+                "best_step": self.best_step, "best_val": self.best_val,
+                "world_size": self.rt.world_size, "fingerprint": self.fingerprint}
 
     def save(self) -> Path | None:
         if self.checkpoint_dir is None:
@@ -207,7 +250,8 @@ class Trainer:
         path = None
         if self.rt.is_main:
             path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizers,
-                                        self._state(), rng, keep=self.cfg.keep_checkpoints)
+                                        self._state(), rng, keep=self.cfg.keep_checkpoints,
+                                        best=self.best_state)
         if self.rt.distributed:
             dist.barrier()
         self.last_checkpoint = self.checkpoint_dir / f"step-{self.step:08d}"
@@ -227,7 +271,7 @@ class Trainer:
         if found.stale and self.rt.is_main:
             where = ckpt.set_aside(found.stale)
             note(f"{self.name}: not resuming from {len(found.stale)} checkpoint(s) of "
-                      f"another run ({found.reason}); moved them to {where} and starting fresh")
+                 f"another run ({found.reason}); moved them to {where} and starting fresh")
         if self.rt.distributed:
             dist.barrier()
         if found.path is None:
@@ -236,9 +280,11 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.elapsed = float(state["elapsed"])
-        self.warmup_elapsed = state.get("warmup_elapsed")
         self.history = list(state.get("history", []))
         self.last_val = state.get("last_val")
+        self.best_step, self.best_val = state.get("best_step"), state.get("best_val")
+        if self.best_step is not None:
+            self.best_state = ckpt.load_best(found.path)
         self.batches.load_state_dict(state["loader"])
         if isinstance(rng, list) and len(rng) == self.rt.world_size:
             ckpt.restore_rng(rng[self.rt.rank])
@@ -253,7 +299,7 @@ class Trainer:
     # -- the loop
     def _clock(self, base: float, t_session: float) -> float:
         """Wall seconds of the run so far; under DDP the slowest rank's, so that every rank
-        takes the same stop decision and computes the same time-based lr."""
+        takes the same max_seconds decision."""
         elapsed = base + (time.perf_counter() - t_session)
         if self.rt.distributed and self.cfg.max_seconds is not None:
             t = torch.tensor([elapsed], dtype=torch.float64, device=self.rt.device)
@@ -263,8 +309,12 @@ class Trainer:
 
     def _done(self) -> bool:
         if self.step >= self.max_steps:
+            self.stopped_by = stop_reason(self.cfg, self.tokens_per_step, self.max_steps)
             return True
-        return self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds
+        if self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds:
+            self.stopped_by = "max_seconds"
+            return True
+        return False
 
     def _non_finite(self, what: str, value: float) -> NonFiniteLossError:
         step = self.step + 1
@@ -337,57 +387,42 @@ class Trainer:
         note(f"{self.name}: the {self.rt.world_size} DDP replicas hold identical weights")
 
     def fit(self) -> TrainResult:
+        """Train to the budget (resuming this run's newest checkpoint); the model then holds
+        the weights `select` chose."""
         cfg, rt = self.cfg, self.rt
         self.resume()
         self.model.train()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name, unit="step",
-                   disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
-        t_session = time.perf_counter()
-        base_elapsed = self.elapsed
-        session_tokens, session_start_step = 0, self.step
+        bar = progress(total=self.max_steps, initial=self.step, desc=self.name, unit="step",
+                       disable=not (cfg.progress and rt.is_main), dynamic_ncols=True,
+                       mininterval=1.0)
+        clock = _SessionClock(self.elapsed, self.step)
         window: list[float] = [h["train_loss"] for h in self.history[-cfg.log_every:]]
         try:
             while not self._done():
                 if self.stop_after_step is not None and self.step >= self.stop_after_step:
-                    return self._result(window)
+                    return self._result(window, self.step)
                 lr = self.lr()
                 self._set_lr(lr)
                 loss, gnorm = self.train_step()
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                session_tokens += self.tokens_per_step
-                self.elapsed = self._clock(base_elapsed, t_session)
-                if self.warmup_elapsed is None and self.step >= cfg.warmup_steps:
-                    self.warmup_elapsed = self.elapsed
+                clock.tokens += self.tokens_per_step
+                self.elapsed = self._clock(clock.base, clock.start)
                 row: dict[str, Any] = {"step": self.step, "tokens": self.tokens_seen,
                                        "train_loss": loss, "val_loss": None, "lr": lr}
                 self.history.append(row)
                 window = (window + [loss])[-cfg.log_every:]
                 last = self._done()
                 if self.eval_batches and (self.step % cfg.eval_every == 0 or last):
-                    self.last_val = evaluate_loss(self.model, self.eval_batches, rt)
-                    row["val_loss"] = self.last_val
-                    self.logger.log_metrics({"val_loss": self.last_val}, step=self.step)
-                    if self.on_eval is not None:
-                        self.on_eval(self.step, self.last_val)
-                    self.elapsed = self._clock(base_elapsed, t_session)
-                run_s = time.perf_counter() - t_session
-                tps = session_tokens / run_s if run_s > 0 else 0.0
+                    self._evaluate(row)
+                    self.elapsed = self._clock(clock.base, clock.start)
+                tps = clock.tokens_per_second()
                 if self.step % cfg.log_every == 0 or last:
                     self.logger.log_metrics({"train_loss": sum(window) / len(window), "lr": lr,
                                              "grad_norm": gnorm, "tokens_per_second": tps},
                                             step=self.step)
                 if rt.is_main and cfg.progress:
-                    post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
-                    if self.last_val is not None:
-                        post["val"] = f"{self.last_val:.3f}"
-                    if cfg.max_seconds is not None:
-                        per_step = run_s / max(1, self.step - session_start_step)
-                        left = min(cfg.max_seconds - self.elapsed,
-                                   per_step * (self.max_steps - self.step))
-                        post["left"] = _fmt_seconds(left)
-                    bar.set_postfix(post, refresh=False)
+                    bar.set_postfix(self._progress(loss, tps, clock), refresh=False)
                     bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 and not last:
                     self.save()
@@ -397,10 +432,71 @@ class Trainer:
                 self.save()
         finally:
             bar.close()
-        return self._result(window)
+        return self._finish(window)
 
-    def _result(self, window: list[float]) -> TrainResult:
+    def _evaluate(self, row: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self.last_val = evaluate_loss(self.model, self.eval_batches, self.rt)
+        self.eval_seconds += time.perf_counter() - t0
+        row["val_loss"] = self.last_val
+        self._track_best(self.last_val)
+        self.logger.log_metrics({"val_loss": self.last_val}, step=self.step)
+        if self.on_eval is not None:
+            self.on_eval(self.step, self.last_val)
+
+    def _progress(self, loss: float, tps: float, clock: "_SessionClock") -> dict[str, str]:
+        post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
+        if self.last_val is not None:
+            post["val"] = f"{self.last_val:.3f}"
+        left = clock.seconds_per_step(self.step) * (self.max_steps - self.step)
+        if self.cfg.max_seconds is not None:
+            left = min(self.cfg.max_seconds - self.elapsed, left)
+        post["left"] = _fmt_seconds(left)
+        return post
+
+    def _finish(self, window: list[float]) -> TrainResult:
+        if self.stopped_by == "max_seconds":
+            warnings.warn(
+                f"{self.name}: stopped by train.max_seconds ({self.cfg.max_seconds:g} s) at step "
+                f"{self.step} of {self.max_steps}: this model depends on the machine's speed "
+                "and is not reproducible; remove train.max_seconds to train on the token budget",
+                RuntimeWarning, stacklevel=2)
+            note(f"WARNING: {self.name}: stopped by train.max_seconds at step {self.step} of "
+                 f"{self.max_steps} (not reproducible)")
+        selected = self._restore_selected()
+        if self.best_step is not None and selected != self.step:
+            note(f"{self.name}: publishing the weights of step {selected} (val loss "
+                 f"{self.best_val:.4f}); the last step {self.step} had {self.last_val:.4f}")
+        return self._result(window, selected)
+
+    def _result(self, window: list[float], selected: int) -> TrainResult:
         train_loss = sum(window) / len(window) if window else float("nan")
+        chosen_val = self.best_val if selected != self.step else self.last_val
         return TrainResult(step=self.step, tokens_seen=self.tokens_seen, train_loss=train_loss,
-                           val_loss=self.last_val, seconds=self.elapsed,
-                           resumed_from=self.resumed_from, history=self.history)
+                           val_loss=chosen_val, seconds=self.elapsed,
+                           resumed_from=self.resumed_from, history=self.history,
+                           stopped_by=self.stopped_by or "interrupted",
+                           best_step=self.best_step, best_val_loss=self.best_val,
+                           final_val_loss=self.last_val, selected_step=selected,
+                           eval_seconds=self.eval_seconds)
+
+
+@dataclass
+class _SessionClock:
+    """Wall time and tokens of this session (since the start or the resume): tokens/s and
+    the ETA in the progress bar. Never used for any decision that shapes the weights."""
+
+    base: float                    # elapsed seconds carried over from a checkpoint
+    first_step: int
+    start: float = field(default_factory=lambda: time.perf_counter())
+    tokens: int = 0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def tokens_per_second(self) -> float:
+        s = self.seconds()
+        return self.tokens / s if s > 0 else 0.0
+
+    def seconds_per_step(self, step: int) -> float:
+        return self.seconds() / max(1, step - self.first_step)

@@ -25,8 +25,8 @@ def repo_env(root: Path, mirror: Path) -> dict[str, str]:
         LMPIPE_MIRROR=str(mirror),
         MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
         DVC_NO_ANALYTICS="1",
-        PYTHONHASHSEED="0",
     )
+    env.pop("PYTHONHASHSEED", None)   # every process draws its own hash seed, as a user's does
     return env
 
 

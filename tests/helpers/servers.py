@@ -356,29 +356,24 @@ def api_get(api: str, path: str) -> dict:
         return __import__("json").loads(r.read())
 
 
-def deployed_smoke_run(base: Path, deployment: str = "lmpipe-pipeline/pipeline",
+def deployed_smoke_run(base: Path, mirror: Path, deployment: str = "lmpipe-pipeline/pipeline",
                        timeout_s: float = 900) -> dict:
     """The real thing, once per test session: `prefect server start` on 127.0.0.1, a
     `process` work pool, `prefect deploy --all` from a scratch copy of the project on the
     smoke profile, a triggered run of `deployment`, and `prefect worker start --run-once`
     picking it up. Returns what the tests check (root, flow run, MLflow store, logs).
 
-    The copy holds whatever stages dvc.yaml has at the time; without a dvc.yaml it falls back
-    to the stand-in stages so that the deployment machinery is still tested.
+    Every setting the run needs (the offline mirror included) goes into the environment of
+    its own processes; the test session's environment is left as it was.
     """
     global _SMOKE
     if _SMOKE is not None:
         return _SMOKE
     base.mkdir(parents=True, exist_ok=True)
-    if real_pipeline_has_stages():
-        root = copy_project(base / "project", "smoke")
-        kind = "real"
-    else:  # pragma: no cover - only before the stages exist
-        root = make_fake_project(base / "project")
-        shutil.copy2(REPO / "prefect.yaml", root / "prefect.yaml")
-        sh(["git", "add", "-A"], root)
-        sh(["git", "commit", "-q", "-m", "prefect.yaml"], root)
-        kind = "fake"
+    if not real_pipeline_has_stages():
+        raise AssertionError(f"{REPO / 'dvc.yaml'} defines no stages to deploy")
+    root = copy_project(base / "project", "smoke")
+    kind = "real"
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -388,7 +383,7 @@ def deployed_smoke_run(base: Path, deployment: str = "lmpipe-pipeline/pipeline",
         PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_UI_ENABLED="false",
         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_API_HOST="127.0.0.1",
         PREFECT_SERVER_API_PORT=str(port), MLFLOW_TRACKING_URI=mlflow_uri,
-        LMPIPE_ROOT=str(root), PREFECT_LOGGING_LEVEL="INFO",
+        LMPIPE_ROOT=str(root), LMPIPE_MIRROR=str(mirror), PREFECT_LOGGING_LEVEL="INFO",
     )
     env.pop("LMPIPE_PARENT_RUN_ID", None)
     env.pop("LMPIPE_TRACKING", None)

@@ -34,6 +34,7 @@ from dvc.utils.cli_parse import to_path_overrides
 from dvc.utils.hydra import apply_overrides, get_hydra_sweeps
 
 from lmpipe.core.errors import InputError
+from lmpipe.core.names import CHECK_STAGE
 from lmpipe.core.params import read_yaml
 from lmpipe.core.records import read_dvc_yaml
 from pipeline.graph import StageGraph, read_stage_graph
@@ -228,7 +229,10 @@ def _reads(entry: Any, key: str) -> bool:
 
 def split_stages(graph: StageGraph, dvc_yaml: dict[str, dict], keys: list[str],
                  closure: list[str]) -> tuple[list[str], list[str]]:
-    """(affected, shared) among `closure`: what a swept key reaches, downstream included."""
+    """(affected, shared) among `closure`: what a swept key reaches, downstream included.
+    The params check is in neither: DVC runs it before anything else wherever it runs (it
+    reads the whole file), and its out never changes, so it decides nothing about sharing."""
+    closure = [s for s in closure if s.split("@")[0] != CHECK_STAGE]
     direct = {s for s in closure
               if any(_reads(e, k) for e in (dvc_yaml.get(s.split("@")[0]) or {}).get("params")
                      or [] for k in keys)}

@@ -113,7 +113,8 @@ def test_report_and_apply_put_the_best_point_in_the_workspace(swept):
     values = [float(r[3]) for r in rows[:2]]
     assert values == sorted(values, reverse=True)  # --maximize: highest first
     best_vocab = int(rows[0][2])
-    assert rows[2][-2].strip().startswith("exit 2: stage tokenizer: error: params.yaml: "
+    # the params check (the first stage of every run) names the key before anything runs
+    assert rows[2][-2].strip().startswith("exit 2: stage params: error: params.yaml: "
                                           "tokenizer.vocab_size: must be >= 256, got 100")
     assert rows[3][-2].strip().startswith("exit 2: params.yaml: Could not override")
     assert (swept["root"] / ".lmpipe/sweeps/tok/report.png").stat().st_size > 10_000

@@ -175,7 +175,7 @@ def test_weight_decay_and_muon_groups():
     assert "blocks.1.mlp.fc.weight" in g.names["muon"]
     assert not any("norm" in n for n in g.names["muon"] + g.names["decay"])
 
-    rnn = build_model("rnn", dict(vocab_size=32, d_embed=16, d_hidden=24, n_layer=2))
+    rnn = build_model("rnn", dict(vocab_size=32, cell="rnn", d_embed=16, d_hidden=24, n_layer=2))
     g = param_groups(rnn, use_muon=True)
     assert {"layers.0.W_h.weight", "layers.1.W_x.weight"} <= set(g.names["muon"])
     assert "layers.0.W_x.bias" in g.names["no_decay"] and "head.bias" in g.names["no_decay"]

@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": "compare",
     "results": "results",
     "ui": "ui",
+    "sweep": "sweep",
 }
 
 

@@ -141,3 +141,53 @@ def plot_bpb(bpb: Mapping[str, float], out: str | os.PathLike, split: str = "tes
     fig.savefig(out, format="png", metadata={"Software": None})
     plt.close(fig)
     return out
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value == value else None  # NaN is no position on an axis
+
+
+def plot_sweep(points: list[tuple[Mapping[str, str], float]], params: list[str], target: str,
+               out: str | os.PathLike, title: str = "sweep") -> Path:
+    """`target` against each swept param, one panel per param (a sweep's report).
+
+    Numeric values sit on a numeric axis (log scale when they span 20x or more, as learning
+    rates do); other values are categories in first-seen order. The best point is circled
+    (lowest target; the caller sorts, so it comes first)."""
+    fig, axes = plt.subplots(1, len(params), figsize=(max(6.0, 4.2 * len(params)), 4.0),
+                             dpi=100, squeeze=False)
+    for ax, param in zip(axes[0], params):
+        raw = [(p.get(param, ""), y) for p, y in points]
+        nums = [_as_number(x) for x, _ in raw]
+        if all(n is not None for n in nums):
+            xs = nums
+            positive = [x for x in xs if x > 0]
+            if len(positive) == len(xs) and max(xs) / min(xs) >= 20:
+                ax.set_xscale("log")
+            distinct = sorted(set(xs))
+            if len(distinct) <= 8:  # the swept values themselves, as written
+                ax.set_xticks(distinct, [next(x for x, _ in raw if _as_number(x) == d)
+                                         for d in distinct], rotation=20)
+                ax.minorticks_off()
+        else:
+            cats = list(dict.fromkeys(x for x, _ in raw))
+            xs = [cats.index(x) for x, _ in raw]
+            ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ys = [y for _, y in raw]
+        ax.plot(xs, ys, "o", color="tab:blue", alpha=0.8)
+        ax.plot(xs[:1], ys[:1], "o", markersize=12, markerfacecolor="none",
+                markeredgecolor="tab:red", label="best")
+        ax.set_xlabel(param)
+        ax.set_ylabel(target)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: {target} against each swept param", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return Path(out)

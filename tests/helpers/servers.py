@@ -432,3 +432,77 @@ def _post(api: str, path: str, body: dict) -> list:
                                  headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
+
+
+# ----------------------------------------------------------------------------- sweep servers
+@contextlib.contextmanager
+def moto_s3(bucket: str = "lmpipe") -> Iterator[dict]:
+    """moto's S3 server on 127.0.0.1 with one bucket; yields endpoint, client and the env."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield {"endpoint": endpoint, "client": client, "env": creds, "bucket": bucket}
+    finally:
+        server.stop()
+
+
+def s3_keys(client, bucket: str, prefix: str) -> list[str]:
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return out
+
+
+@contextlib.contextmanager
+def mlflow_server(base: Path, backend_uri: str, artifacts: str, env: dict) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 (one web worker, no job runner); yields its URL."""
+    port = free_port()
+    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = base / "mlflow-server.log"
+    with process([str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+                  "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port",
+                  str(port), "--workers", "1"], base, env, log) as server:
+        wait_http(f"http://127.0.0.1:{port}/health", 240, server, log)
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def prefect_server(base: Path, env: dict) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1 (no UI), state under base; yields the API URL."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = base / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
+           "PREFECT_API_URL": api}
+    log = base / "prefect-server.log"
+    with process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                  str(port), "--no-ui"], base, env, log) as server:
+        wait_http(f"{api}/health", 240, server, log)
+        yield api
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and everything under it at once (a machine that dies); the pids."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(tree, timeout=10)
+    return [p.pid for p in tree]

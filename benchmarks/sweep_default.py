@@ -54,6 +54,8 @@ from typing import Any
 
 import yaml
 
+from lmpipe.data.corpus import iter_texts   # the corpus splits as `download` writes them
+
 REPO = Path(__file__).resolve().parent.parent
 LN2 = math.log(2.0)
 MODEL_STAGE = {"ngram": "ngram", "rnn": "rnn", "transformer": "pretrain"}
@@ -178,10 +180,8 @@ def prepare_data(root: Path, params: dict, log: Path) -> Path:
     if not done.exists():
         for stage in ("download", "tokenizer"):
             run_stage(stage, data_root, params, log)
-        import pyarrow.parquet as pq   # the corpus splits, as the download stage wrote them
-
-        texts = {s: "".join(pq.read_table(data_root / "data" / "corpus" / f"{s}.parquet")
-                            .column("text").to_pylist()) for s in ("train", "val", "test")}
+        texts = {s: "".join(iter_texts(data_root / "data" / "corpus" / s))
+                 for s in ("train", "val", "test")}
         for s in ("val", "test"):
             (data_root / f"{s}.txt").write_text(texts[s], encoding="utf-8")
         full = texts["train"] + texts["val"] + texts["test"]

@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from lmpipe.data.corpus import iter_texts   # the corpus splits as `download` writes them
+from lmpipe.data.corpus import iter_texts  # the corpus splits as `download` writes them
 
 REPO = Path(__file__).resolve().parent.parent
 LN2 = math.log(2.0)

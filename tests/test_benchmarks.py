@@ -8,6 +8,7 @@ and that the profiler breakdown puts a step's time (backward included) where it 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,26 @@ def test_gpu_check_refuses_plainly_without_an_nvidia_gpu():
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert "no NVIDIA GPU on this machine" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the defaults' sweep
+@pytest.mark.slow
+def test_the_defaults_sweep_trains_each_point_once_and_prints_its_table(tmp_path, mirror):
+    """`benchmarks/sweep_default.py` (README, "Why these defaults") on the smoke profile with
+    a 2-point grid over the RNN cell: the n-gram and the Transformer are trained once and
+    shared, each cell gets its own RNN, and the table has a row per point with every figure."""
+    env = {**os.environ, "LMPIPE_MIRROR": str(mirror), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "benchmarks/sweep_default.py", "--profile", "smoke", "--grid",
+           "rnn.model.cell=rnn,gru", "--root", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["cell", "Nval"])
+    columns = lines[head].split()
+    rows = {line.split()[0]: dict(zip(columns, line.split())) for line in lines[head + 1:head + 3]}
+    assert set(rows) == {"rnn", "gru"}
+    for key in ("Nval", "Ntest", "Tval", "Ttest"):             # shared: the same run
+        assert rows["rnn"][key] == rows["gru"][key] and float(rows["rnn"][key]) > 0
+    assert rows["rnn"]["Rval"] != rows["gru"]["Rval"]          # one RNN per cell
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == \
+        ["data", "ngram", "pretrain", "rnn", "rnn"]

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,19 +35,11 @@ from pathlib import Path
 
 import yaml
 
+from lmpipe.core.machine import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("download", "tokenizer", "pretrain")
 TARGET = 1.45
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load() -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,16 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from lmpipe.core.machine import cpu_model  # noqa: E402
 from tests.helpers.repo import make_repo  # noqa: E402
 
 GRID = ["-S", "pretrain.train.lr=0.003,0.006", "-S", "pretrain.model.n_layer=1,2"]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def one_sweep(workers: int, profile: str, mirror: Path, keep: bool) -> dict:
@@ -85,7 +78,7 @@ def main(argv=None) -> int:
     mirror = Path(os.environ.get("LMPIPE_MIRROR") or REPO.parent / "shared" / "data").resolve()
     results = [one_sweep(int(n), args.profile, mirror, args.keep)
                for n in args.workers.split(",")]
-    print(f"\nlmpipe sweep, 4 points, profile {args.profile}; CPU {cpu_name()}, "
+    print(f"\nlmpipe sweep, 4 points, profile {args.profile}; CPU {cpu_model()}, "
           f"{os.cpu_count()} cores")
     print("| local workers | exit | wall s (whole command) | points s | load before | after |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -33,7 +33,6 @@ import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the stages do (see stages/pretrain.py)
-import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from breakdown import step_breakdown  # noqa: E402
 from inference import generation_speed, scoring_speed  # noqa: E402
 
+from lmpipe.core.machine import cpu_model  # noqa: E402
 from lmpipe.core.params import TrainParams  # noqa: E402
 from lmpipe.core.profiles import profile_dict  # noqa: E402
 from lmpipe.data.batches import TokenBatches  # noqa: E402
@@ -57,16 +57,6 @@ from lmpipe.train.trainer import Trainer  # noqa: E402
 
 TARGETS = {"mfu": 0.30, "bf16_share_of_peak_ratio": 0.5, "cache_tokens_per_s": 1500.0,
            "cache_speedup": 5.0, "score_tokens_per_s": 50_000.0}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -284,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     pre = params["pretrain"]
     model_cfg = {**pre["model"], "vocab_size": args.vocab or params["tokenizer"]["vocab_size"]}
     train = TrainParams(**pre["train"])
-    res: dict = {"device": device.type, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+    res: dict = {"device": device.type, "cpu": cpu_model(), "threads": torch.get_num_threads(),
                  "torch": torch.__version__, "profile": args.profile, "model": model_cfg,
                  "batch_size": train.batch_size, "grad_accum": train.grad_accum,
                  "cpu_native_bf16": cpu_supports_bf16(), "load_before": os.getloadavg()[0]}

@@ -12,7 +12,6 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lmpipe.core.errors import InputError
+from lmpipe.core.machine import cpu_flags
 
 
 def seed_everything(seed: int) -> None:
@@ -65,18 +65,12 @@ def cpu_supports_bf16() -> bool:
     """Native bf16 instructions (x86: AVX512-BF16 or AMX; arm64: BF16), from the CPU's own
     flags. oneDNN's own check also says yes on AVX512 cores that only emulate bf16, where
     bf16 autocast is slower than fp32; it is the fallback where /proc/cpuinfo is missing."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags |= set(value.split())
     return bool(flags & NATIVE_BF16_FLAGS)
 
 

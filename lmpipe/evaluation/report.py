@@ -19,7 +19,7 @@ import torch
 
 from lmpipe.core.files import atomic_dir
 from lmpipe.core.git import git_state
-from lmpipe.core.names import CHAT_MODELS, MODEL_STAGE, SPLITS
+from lmpipe.core.names import CHAT_MODELS, MODEL_STAGE, SPLITS, TIMING_FIELD_SUFFIXES
 from lmpipe.evaluation.plots import plot_bpb, plot_loss_curves
 
 REPORT_FILE = "report.md"
@@ -236,8 +236,11 @@ def _data_section(data: ReportData) -> list[str]:
                          tokens, bpt])
         lines += _table(["split", "documents", "lines", "bytes", "tokens", "bytes per token"],
                         rows) + [""]
+    # the counts; not the timings and memory (metrics/download.json has them): the card is a
+    # DVC out that two runs of the same params must write alike
     scalars = {k: v for k, v in data.download_metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+               if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and not k.endswith(TIMING_FIELD_SUFFIXES)}
     if scalars:
         lines += ["Download stage metrics: " + ", ".join(
             f"{k} {_fmt(v)}" for k, v in sorted(scalars.items())), ""]

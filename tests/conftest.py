@@ -43,6 +43,17 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine threads cost a lot."""
+    import torch  # deferred: most test modules never need it
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def project(tmp_path, monkeypatch, mlflow_uri, mirror) -> Path:
     """A scratch project root: stages write data/, metrics/ and plots/ under it."""
     monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))

@@ -26,13 +26,8 @@ from tests.conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import breakdown  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors gain nothing from threads (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_benchmark_table_shows_each_measure_next_to_its_target(tmp_path):

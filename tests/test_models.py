@@ -19,14 +19,8 @@ from lmpipe.models.transformer import (
     rope_cos_sin,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors gain nothing from threads (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 37

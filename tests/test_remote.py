@@ -25,34 +25,15 @@ def prefect_api(request):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-             "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket="lmpipe")
-    yield {"endpoint": endpoint, "client": client, "env": creds}
-    server.stop()
+def s3():
+    with T.moto_s3("lmpipe") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     with T.postgres_cluster(tmp_path_factory.mktemp("pg")) as url:
         yield url
-
-
-def _keys(client, prefix: str) -> list[str]:
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket="lmpipe", Prefix=prefix):
-        out += [o["Key"] for o in page.get("Contents", [])]
-    return out
 
 
 def test_retrain_on_postgres_and_s3_then_pull_into_a_fresh_clone(
@@ -82,7 +63,7 @@ def test_retrain_on_postgres_and_s3_then_pull_into_a_fresh_clone(
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.data.tags["dvc_stage"] for c in children} == set(graph)
-    keys = _keys(s3["client"], "mlflow/")
+    keys = T.s3_keys(s3["client"], "lmpipe", "mlflow/")
     assert any(k.endswith(f"{parent.info.run_id}/artifacts/dvc.lock") for k in keys), keys
     assert any(k.endswith("models/transformer/model.safetensors") for k in keys)
     champ = client.get_model_version_by_alias("lmpipe-transformer", "champion")
@@ -103,7 +84,7 @@ def test_retrain_on_postgres_and_s3_then_pull_into_a_fresh_clone(
 
     # DVC: pushed to the bucket; a fresh clone pulls the same bytes back.
     assert "dvc push to lmpipe" in report["push"]
-    assert _keys(s3["client"], "dvc/")
+    assert T.s3_keys(s3["client"], "lmpipe", "dvc/")
     T.sh(["git", "add", "dvc.lock", "metrics"], root)  # uncached outs live in git
     T.sh(["git", "commit", "-q", "-m", "lock"], root)
     clone = tmp_path / "clone"

@@ -9,14 +9,8 @@ from lmpipe.core.errors import InputError
 from lmpipe.models.sampling import generate, generate_text, sample_next
 from lmpipe.models.store import build_model, save_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors gain nothing from threads (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 29

@@ -30,15 +30,11 @@ from lmpipe.data.text import normalize_newlines
 HF_BATCH_ROWS = 1000  # rows of a `datasets` split read at a time
 
 
-@dataclass
-class Loaded:
-    """What the instruction source gave: its records, the raw inputs with their sha256 and
-    size, details for source.json, and where each input came from."""
+class _PinnedInputs:
+    """`inputs` ({"name", "sha256", "bytes"} each) summed up: one sha256 and one size, the
+    figures source.json pins a source by."""
 
-    items: list               # instruction records (each a list of rows)
-    inputs: list[dict]        # {"name", "sha256", "bytes" (, "url")}
-    info: dict
-    origins: dict[str, str]   # input name -> mirror / cache / network / local / hf
+    inputs: list[dict]
 
     @property
     def sha256(self) -> str:
@@ -47,6 +43,17 @@ class Loaded:
     @property
     def bytes(self) -> int:
         return sum(i["bytes"] for i in self.inputs)
+
+
+@dataclass
+class Loaded(_PinnedInputs):
+    """What the instruction source gave: its records, the raw inputs with their sha256 and
+    size, details for source.json, and where each input came from."""
+
+    items: list               # instruction records (each a list of rows)
+    inputs: list[dict]        # {"name", "sha256", "bytes" (, "url")}
+    info: dict
+    origins: dict[str, str]   # input name -> mirror / cache / network / local / hf
 
 
 def _display(path: Path) -> str:
@@ -101,7 +108,7 @@ def _local_files(pattern: str) -> list[Path]:
     return sorted(found)
 
 
-class Corpus:
+class Corpus(_PinnedInputs):
     """A corpus source opened for reading: its documents as a stream, and what was read.
 
     `documents()` yields the non-blank documents one at a time (no source is held in
@@ -135,13 +142,6 @@ class Corpus:
         return [{"name": self._content_name, "sha256": self._content.hexdigest(),
                  "bytes": self._content_bytes}]
 
-    @property
-    def sha256(self) -> str:
-        return combined_sha256(self.inputs)
-
-    @property
-    def bytes(self) -> int:
-        return sum(i["bytes"] for i in self.inputs)
 
 
 def _hf_data_files(hf: HFSource) -> tuple[list[str], list[dict]]:

@@ -161,14 +161,21 @@ CHAT_ARGS = ["chat", "--model", "sft", "--temperature", "0", "--max-new-tokens",
              "--repetition-penalty", "1.0"]
 
 
-def test_piped_prompts_history_and_reset(root, capsys, monkeypatch):
-    """Not a terminal: one reply per line, no prompts; /reset forgets, /quit ends."""
+def history_case(root):
+    """An sft model whose answer to the second prompt changes with the first in its history:
+    (first, second, the two replies with history, the second reply alone)."""
     tok = _tok(root)
     model = context_model(tok)
     save(root, "sft", model)
     first, second = "Shout: apple", "Shout: river"
     with_history = replies(model, tok, [first, second], history=True)
     alone = replies(model, tok, [second], history=False)[0]
+    return first, second, with_history, alone
+
+
+def test_piped_prompts_history_and_reset(root, capsys, monkeypatch):
+    """Not a terminal: one reply per line, no prompts; /reset forgets, /quit ends."""
+    first, second, with_history, alone = history_case(root)
     assert with_history[1] != alone          # the history changes this answer: it is observable
     monkeypatch.setattr("sys.stdin", io.StringIO(
         f"{first}\n\n{second}\n/reset\n{second}\n/quit\nnever answered\n"))
@@ -212,12 +219,7 @@ def test_terminal_session_prompts_history_reset_and_quit(root):
     import subprocess
     import sys
 
-    tok = _tok(root)
-    model = context_model(tok)
-    save(root, "sft", model)
-    first, second = "Shout: apple", "Shout: river"
-    with_history = replies(model, tok, [first, second], history=True)
-    alone = replies(model, tok, [second], history=False)[0]
+    first, second, with_history, alone = history_case(root)
     assert with_history[1] != alone
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "LMPIPE_ROOT": str(root), "PYTHONPATH": str(repo), "TERM": "dumb"}

@@ -16,6 +16,7 @@ from lmpipe.models.transformer import (
     Transformer,
     apply_rotary,
     causal_attention,
+    dropout,
     rope_cos_sin,
 )
 
@@ -130,6 +131,7 @@ def reference_attention(q, k, v):
     (torch.float32, False, 1e-5),       # inference: F.scaled_dot_product_attention
     (torch.float32, True, 1e-5),        # fp32 training: the same fused kernel
     (torch.bfloat16, True, 3e-2),       # CPU bf16 training: the maths written out
+    (torch.bfloat16, False, 3e-2),      # CPU bf16 scoring: the same
 ])
 def test_causal_attention_is_softmax_of_masked_scores_times_values(T, S, dtype, grad, atol):
     torch.manual_seed(3)
@@ -146,6 +148,34 @@ def test_causal_attention_is_softmax_of_masked_scores_times_values(T, S, dtype, 
         (got.double() * w).sum().backward()
         for mine, ref in ((qd, q64), (kd, k64), (vd, v64)):
             torch.testing.assert_close(mine.grad.double(), ref.grad, atol=3 * atol, rtol=3 * atol)
+
+
+@pytest.mark.parametrize("p,k", [(0.1, 26), (0.5, 128), (1e-4, 1)])
+def test_dropout_drops_p_to_the_nearest_256th_and_keeps_the_mean(p, k):
+    """dropout(): rate k/256 with k = round(256 p) (at least 1), survivors scaled by
+    256/(256 - k) so the mean is kept; reproducible under the seed; the gradient is the mask."""
+    x = torch.ones(1_000_000)
+    torch.manual_seed(0)
+    y = dropout(x, p)
+    assert y.unique().tolist() == pytest.approx([0.0, 256 / (256 - k)])
+    rate, sd = k / 256, math.sqrt(k / 256 * (1 - k / 256) / x.numel())
+    assert abs((y == 0).float().mean().item() - rate) < 5 * sd
+    assert abs(y.double().mean().item() - 1.0) < 5 * sd * 256 / (256 - k)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, p), y)
+    assert dropout(x, 0.0) is x
+    w = torch.randn(3, 1001, requires_grad=True)   # odd size: the random bytes are cut to fit
+    out = dropout(w, p)
+    out.sum().backward()
+    assert torch.equal(w.grad, (out != 0).float() * (256 / (256 - k)))
+
+
+def test_dropout_is_active_in_training_only():
+    model = tiny_transformer(dropout=0.2)
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(model(idx)[0], model(idx)[0])          # eval: deterministic
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])      # train: masks differ per call
 
 
 def test_bf16_training_step_of_the_model_matches_fp32_in_loss_and_gradients():

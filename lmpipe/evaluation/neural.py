@@ -90,7 +90,8 @@ def score_windows(model, ids: np.ndarray, context_length: int, *, eos_id: int,
     s = torch.from_numpy(np.concatenate([[eos_id], ids.astype(np.int64)]))
     wins = windows(n, context_length, stride, stride_key)
     total = torch.zeros((), dtype=torch.float64)
-    with torch.inference_mode(), _progress(n, desc, progress) as bar:
+    # one autocast region for every batch: the weights are cast to bf16 once, not per batch
+    with torch.inference_mode(), _autocast(device, dtype), _progress(n, desc, progress) as bar:
         for i in range(0, len(wins), batch_size):
             group = wins[i:i + batch_size]
             width = max(end - start for start, end, _ in group)
@@ -102,8 +103,7 @@ def score_windows(model, ids: np.ndarray, context_length: int, *, eos_id: int,
                 keep = first - 1 - start            # outputs before this predict context only
                 y[row, keep:length] = s[first:end + 1]
             x, y = x.to(device), y.to(device)
-            with _autocast(device, dtype):
-                logits = model(x)[0]
+            logits = model(x)[0]
             nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                   ignore_index=IGNORE_INDEX, reduction="none")
             total += nll.double().sum().cpu()       # summed in fp64: exact-ish for long splits

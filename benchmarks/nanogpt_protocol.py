@@ -107,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     sliding = eval_last10(last10, max(1, context // 2), env, root)
 
     ln2 = math.log(2.0)
-    nats, nats_sliding = windows["text_bpb"] * ln2, sliding["text_bpb"] * ln2
+    nats, nats_sliding = windows["bpb"] * ln2, sliding["bpb"] * ln2
     rows = [
         ("machine", f"{cpu_model()}, {os.cpu_count()} cores; load {load_before} -> {load_after}"),
         ("profile", f"{args.profile} (pretrain budget: max_tokens "
                     f"{params['pretrain']['train']['max_tokens']}, max_steps "
                     f"{params['pretrain']['train']['max_steps']}; select "
                     f"{params['pretrain']['train'].get('select', 'last')})"),
-        ("scored text", f"last 10% of {raw.name}: {windows['text_bytes']:,} bytes, "
-                        f"{windows['text_tokens']:,} tokens"),
+        ("scored text", f"last 10% of {raw.name}: {windows['bytes']:,} bytes, "
+                        f"{windows['tokens']:,} tokens"),
         ("nats/byte, windows of the context", f"{nats:.4f}  (target <= {TARGET}: "
                                               f"{'met' if nats <= TARGET else 'NOT met'})"),
         (f"nats/byte, sliding stride {max(1, context // 2)}", f"{nats_sliding:.4f}"),

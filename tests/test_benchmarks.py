@@ -8,6 +8,7 @@ and that the profiler breakdown puts a step's time (backward included) where it 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -146,3 +147,30 @@ def test_the_defaults_sweep_trains_each_point_once_and_prints_its_table(tmp_path
     assert rows["rnn"]["Rval"] != rows["gru"]["Rval"]          # one RNN per cell
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == \
         ["data", "ngram", "pretrain", "rnn", "rnn"]
+
+
+# ----------------------------------------------------------------------------- the nanoGPT protocol
+@pytest.mark.slow
+def test_the_nanogpt_protocol_scores_the_last_tenth_in_nats_per_byte(tmp_path, mirror):
+    """`benchmarks/nanogpt_protocol.py` (issue 12) on the smoke profile: it trains through the
+    stages, scores exactly the last 10% of the file's bytes, and prints bits per byte x ln 2;
+    the smoke model misses the 1.45 target, which the exit status says."""
+    env = {**os.environ, "LMPIPE_MIRROR": str(mirror), "PYTHONPATH": str(REPO)}
+    keep = tmp_path / "np"
+    proc = subprocess.run([sys.executable, "benchmarks/nanogpt_protocol.py", "--profile", "smoke",
+                           "--keep", str(keep)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = (mirror / "tinyshakespeare.txt").read_bytes()
+    assert (keep / "last10.txt").read_bytes() == data[int(0.9 * len(data)):]
+    scored = subprocess.run([sys.executable, "-m", "lmpipe.cli", "eval", "--model", "transformer",
+                             "--text", str(keep / "last10.txt"), "--json"], cwd=keep,
+                            env={**env, "LMPIPE_ROOT": str(keep),
+                                 "LMPIPE_PARAMS": str(keep / "params.yaml"),
+                                 "LMPIPE_TRACKING": "off"},
+                            capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    want = json.loads(scored.stdout)
+    line = next(x for x in proc.stdout.splitlines() if "nats/byte, windows" in x)
+    assert f"{want['bpb'] * math.log(2):.4f}  (target <= 1.45: NOT met)" in line
+    assert f"{want['bytes']:,} bytes, {want['tokens']:,} tokens" in proc.stdout

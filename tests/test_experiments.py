@@ -133,6 +133,16 @@ def test_readme_compare_section_runs_as_written_on_a_fresh_clone(repo):
     assert "bits_per_byte" in json.dumps(plots)
 
 
+def test_compare_names_only_real_experiments_when_one_is_unknown(repo):
+    """DVC keeps refs/exps/exec/EXEC_HEAD after `dvc exp run`: not an experiment to offer."""
+    root, env = repo
+    assert run(["git", "for-each-ref", "refs/exps/exec"], root, env).stdout.strip()
+    proc = subprocess.run(["lmpipe", "compare", "baseline", "nosuch"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("experiments here: baseline, order5"), proc.stderr
+
+
 @pytest.fixture(scope="module")
 def mlflow_ui(repo):
     """`lmpipe ui` on the repo's store (as the README starts it), once the pipeline runs of

@@ -56,12 +56,17 @@ class RunSide:
 
 # ----------------------------------------------------------------------------- resolving
 def exp_commits(root: Path) -> dict[str, str]:
-    """{experiment name: commit} of the DVC experiments in this repo (refs/exps)."""
+    """{experiment name: commit} of the DVC experiments in this repo.
+
+    An experiment is refs/exps/<2 hex>/<38 hex of its baseline>/<name>; DVC keeps its own
+    bookkeeping under refs/exps too (refs/exps/exec/EXEC_HEAD, ...), which is not one."""
     out = {}
     for line in git(root, "for-each-ref", "--format=%(objectname) %(refname)",
                     "refs/exps").splitlines():
         sha, _, ref = line.partition(" ")
-        out[ref.rsplit("/", 1)[-1]] = sha
+        parts = ref.split("/")
+        if len(parts) == 5 and len(parts[2]) + len(parts[3]) == 40:
+            out[parts[4]] = sha
     return out
 
 

@@ -143,6 +143,24 @@ def test_compare_names_only_real_experiments_when_one_is_unknown(repo):
     assert proc.stderr.strip().endswith("experiments here: baseline, order5"), proc.stderr
 
 
+def test_compare_takes_mlflow_run_ids_whole_or_by_their_first_digits(repo):
+    """The pipeline runs of both experiments, one by its full id and one by the 8 digits the
+    tables print: the same single param differs; an id no run has is named as not found."""
+    root, env = repo
+    runs = pipeline_runs(root)
+    a, b = runs["baseline"].info.run_id, runs["order5"].info.run_id
+    proc = run(["lmpipe", "compare", a[:8], b], root, env, timeout=300)
+    assert f"A = MLflow run {a[:8]}" in proc.stdout and f"B = MLflow run {b[:8]}" in proc.stdout
+    params_block = proc.stdout.split("params that differ (")[1].split("\n\n")[0]
+    assert params_block.startswith("1):") and re.search(r"ngram\.order\s+3 -> 5", params_block), \
+        proc.stdout
+    missing = "0123abcd" if not any(r.info.run_id.startswith("0123abcd") for r in runs.values()) \
+        else "fedc9876"
+    proc = subprocess.run(["lmpipe", "compare", missing, b], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"MLflow run {missing}: not found" in proc.stderr, proc.stderr
+
+
 @pytest.fixture(scope="module")
 def mlflow_ui(repo):
     """`lmpipe ui` on the repo's store (as the README starts it), once the pipeline runs of

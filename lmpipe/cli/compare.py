@@ -17,9 +17,11 @@ examples:
   lmpipe compare baseline order5           # params that differ, metric deltas, loss curves
   lmpipe compare HEAD workspace            # the last commit against the files now
   lmpipe compare 3f2a...e1 9bc0...77       # two MLflow pipeline runs (their run ids)
+  lmpipe compare bd089810 d8dc8f16         # the same by their first 8+ digits
   lmpipe compare baseline order5 --json    # the same as JSON
 
-A and B are DVC experiment names, git revisions, `workspace`, or MLflow run ids. The figure
+A and B are DVC experiment names, git revisions, `workspace`, or MLflow run ids (whole or
+their first 8+ digits). The figure
 (both runs' loss curves; corpus pretraining and instruction finetuning on separate axes) is
 written to .lmpipe/compare/A-vs-B.png unless --png says otherwise.
 """

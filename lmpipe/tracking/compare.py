@@ -32,7 +32,7 @@ from lmpipe.core.params import validate_params
 from lmpipe.core.records import numeric_leaves, read_loss_csv, read_metrics
 from lmpipe.tracking.pipeline_run import run_params
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+RUN_ID = re.compile(r"^[0-9a-f]{8,32}$")   # a full MLflow run id, or its first 8+ digits
 WALL_CLOCK = re.compile(r"(seconds|per_second|peak_rss|elapsed)")
 HEADLINE = ("val_bpb", "test_bpb")
 
@@ -119,11 +119,25 @@ def _from_commit(root: Path, name: str, sha: str, source: str) -> RunSide:
     return RunSide(name, source, _flat_params(raw, f"{sha[:7]}:params.yaml"), metrics, curves)
 
 
+def _full_run_id(client, prefix: str) -> str:
+    """The one run whose id starts with `prefix` (the tables print 8 digits of it)."""
+    ids = [r.info.run_id for exp in client.search_experiments()
+           for r in client.search_runs([exp.experiment_id], max_results=50000)
+           if r.info.run_id.startswith(prefix)]
+    if len(ids) != 1:
+        raise InputError(f"MLflow run {prefix}: {'not found' if not ids else 'ambiguous'} "
+                         f"({len(ids)} runs start with it"
+                         f"{': ' + ', '.join(ids[:5]) if ids else ''})")
+    return ids[0]
+
+
 def _from_mlflow(root: Path, run_id: str) -> RunSide:
     # deferred: mlflow takes seconds to import; only MLflow run ids need it
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(default_tracking_uri())
+    if len(run_id) < 32:
+        run_id = _full_run_id(client, run_id)
     try:
         run = client.get_run(run_id)
     except Exception as err:

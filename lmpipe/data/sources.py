@@ -143,7 +143,6 @@ class Corpus(_PinnedInputs):
                  "bytes": self._content_bytes}]
 
 
-
 def _hf_data_files(hf: HFSource) -> tuple[list[str], list[dict]]:
     data_files: list[str] = []
     inputs: list[dict] = []

@@ -57,6 +57,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:   # the usual case: one call, no casts
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return y.to(x.dtype)
 
@@ -82,8 +84,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     cos/sin come from `rope_cos_sin`, shaped to broadcast against x (positions on their axis).
     """
+    if cos.dtype != x.dtype:   # bf16 under autocast
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos.to(x.dtype), torch.cat((x2, x1), dim=-1), sin.to(x.dtype))
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -119,6 +123,7 @@ class KVCache:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._layers = [(self.k[i], self.v[i]) for i in range(n_layer)]   # views, made once
         self.max_len = max_len
         self.length = 0
 
@@ -127,12 +132,18 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H, T, d_h] at the current position; return all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end].to(k.dtype), self.v[layer, :, :, :end].to(v.dtype)
+        start, T = self.length, k.shape[2]
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {start + T} positions > max_len {self.max_len}")
+        keys, values = self._layers[layer]
+        # narrow + copy_ rather than tensor[l, :, :, a:b] = ...: a decode step does this 2 x
+        # n_layer times, and the indexed form costs several times the copy of one position
+        keys.narrow(2, start, T).copy_(k)
+        values.narrow(2, start, T).copy_(v)
+        keys, values = keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
+        if keys.dtype != k.dtype:   # a bf16 step over an fp32 cache
+            keys, values = keys.to(k.dtype), values.to(v.dtype)
+        return keys, values
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -159,12 +170,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    # q is scaled (d_h numbers per query, not S) and M added by the matmul itself (baddbmm)
+    # the matmul itself scales q k^T (alpha) and adds M (baddbmm): no pass over the scores
     future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
     M = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
-    scores = torch.baddbmm(M.expand(q.shape[0] * q.shape[1], T, S),
-                           (q * (1.0 / math.sqrt(q.shape[-1]))).flatten(0, 1),
-                           k.flatten(0, 1).transpose(-2, -1))
+    scores = torch.baddbmm(M.expand(q.shape[0] * q.shape[1], T, S), q.flatten(0, 1),
+                           k.flatten(0, 1).transpose(-2, -1), alpha=1.0 / math.sqrt(q.shape[-1]))
     # softmax accumulates in fp32 and returns bf16: the weights meet v in bf16 either way
     return (torch.softmax(scores, dim=-1) @ v.flatten(0, 1)).view(q.shape)
 
@@ -182,11 +192,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        # one matmul for all heads of q, k, v: [B, T, 3, H, d_h], no per-head Python work
-        qk, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).split((2, 1), dim=2)
-        # RoPE on q and k together (cos/sin are [T, 1, 1, d_h]), then heads first: [B, H, T, d_h]
-        q, k = apply_rotary(qk, cos, sin).unbind(2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
+        # one matmul for all heads of q, k, v, then heads first: [3, B, H, T, d_h]
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)   # RoPE on q and k together
+        v = qkv[2]
         if kv_cache is not None:   # attend over the cached positions too
             k, v = kv_cache.update(self.layer, k, v)
         y = causal_attention(q, k, v)
@@ -293,8 +302,8 @@ class Transformer(nn.Module):
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} positions exceeds context_length "
                              f"{self.config.context_length}")
-        cos = self.rope_cos[start:start + T, None, None]   # [T, 1, 1, d_h]
-        sin = self.rope_sin[start:start + T, None, None]
+        cos = self.rope_cos.narrow(0, start, T)   # [T, d_h]: positions start .. start + T - 1
+        sin = self.rope_sin.narrow(0, start, T)
         x = dropout(self.embed(idx), self.config.dropout if self.training else 0.0)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)

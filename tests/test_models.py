@@ -206,6 +206,23 @@ def test_kv_cache_logits_match_full_forward_in_chunks():
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_in_fp32_serves_bf16_steps_under_autocast():
+    """A bf16 step writes its keys/values into the fp32 cache and reads them back as bf16:
+    the cached logits stay within bf16 rounding of the full bf16 forward, and the cache
+    holds what the full forward's keys are (no position left unwritten)."""
+    model = tiny_transformer()
+    idx = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx)
+        cache = model.new_kv_cache(2, 24)
+        parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 10), (10, 11), (11, 24)]]
+    assert cache.k.dtype == torch.float32 and cache.length == 24
+    assert cache.k[:, :, :, :24].abs().sum(-1).min() > 0
+    cached = torch.cat(parts, 1).float()
+    assert (cached - full.float()).abs().max() < 0.1 * full.float().abs().max()
+    assert (cached.argmax(-1) == full.float().argmax(-1)).float().mean() > 0.95
+
+
 def test_kv_cache_refuses_overflow_and_oversize():
     model = tiny_transformer()
     with pytest.raises(ValueError, match="max_len"):

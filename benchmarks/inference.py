@@ -10,21 +10,33 @@ Used by benchmarks/train.py; each function returns a dict of figures and bounds:
   of any decoder that keeps the weights in fp32.
 * `scoring_speed`: `lmpipe.evaluation.neural.score_windows` (what `evaluate` runs) in fp32
   and in bf16 on random tokens, and the bound at the bf16 peak: peak / forward FLOPs per token.
+
+Run as a script (`python benchmarks/inference.py --model-json CFG --json OUT ...`) it measures
+both and writes them as JSON: benchmarks/train.py runs it in a child process so that these
+figures come from the environment `lmpipe generate` and `evaluate` run in, not from the
+training benchmark's (which sets OMP_WAIT_POLICY=PASSIVE as the training stages do: sleeping
+OpenMP threads cost `score_windows` about a fifth of its speed, 54k vs 69k tok/s measured).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpipe.evaluation.neural import score_windows
-from lmpipe.models.sampling import decode_threads, generate
-from lmpipe.models.store import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmpipe.evaluation.neural import score_windows  # noqa: E402
+from lmpipe.models.sampling import decode_threads, generate  # noqa: E402
+from lmpipe.models.store import build_model  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -129,3 +141,25 @@ def scoring_speed(model_cfg: dict, device: torch.device, batch_size: int, peak_b
     out["bound_tokens_per_s"] = peak_bf16 * 1e9 / fwd_flops
     out["batch_size"] = batch_size
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="generation and scoring speed (JSON out)")
+    ap.add_argument("--model-json", required=True, help="the Transformer's config, as JSON")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, required=True, help="evaluate.batch_size")
+    ap.add_argument("--peak-bf16", type=float, required=True, help="GFLOP/s, for the bound")
+    ap.add_argument("--json", required=True, help="write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, cfg = torch.device(args.device), json.loads(args.model_json)
+    res = {"generation": generation_speed(cfg, device, args.new_tokens),
+           "scoring": scoring_speed(cfg, device, args.batch_size, args.peak_bf16)}
+    Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

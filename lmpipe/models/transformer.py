@@ -47,8 +47,9 @@ class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2, last dim) + eps) * weight   (Zhang & Sennrich 2019).
 
     `F.rms_norm` computes exactly this formula (tests check it against the written-out maths)
-    in one fused kernel: 2-3x faster than the six separate ops when generating. Always in fp32
-    (the residual stream is fp32 under autocast too), cast back to the input's dtype.
+    in one call, the fastest form measured for a decode step's single vector (7.2 us against
+    7.9-8.3 for the ops written out, AMD EPYC, one thread). Always in fp32 (the residual stream
+    is fp32 under autocast too), cast back to the input's dtype; an fp32 input skips the casts.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -137,7 +138,8 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {start + T} positions > max_len {self.max_len}")
         keys, values = self._layers[layer]
         # narrow + copy_ rather than tensor[l, :, :, a:b] = ...: a decode step does this 2 x
-        # n_layer times, and the indexed form costs several times the copy of one position
+        # n_layer times, and the indexed form's Python indexing costs more than the copy
+        # (2.1 against 1.6 us for one position, AMD EPYC)
         keys.narrow(2, start, T).copy_(k)
         values.narrow(2, start, T).copy_(v)
         keys, values = keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)

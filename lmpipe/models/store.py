@@ -115,6 +115,9 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu"
         raise InputError(f"{cfg_path}: unreadable model config: {e}") from None
     if not isinstance(info, dict) or "model_type" not in info or "config" not in info:
         raise InputError(f"{cfg_path}: expected keys 'model_type' and 'config'")
+    if info["model_type"] == "transformer" and isinstance(info["config"], dict):
+        # saved before QK-norm existed: those models have none (their weights say so too)
+        info["config"].setdefault("qk_norm", False)
     try:
         model = build_model(info["model_type"], info["config"])
     except InputError as e:

@@ -9,11 +9,20 @@ RMSNorm(x)   = x / sqrt(mean(x^2) + eps) * g           (no mean subtraction, no 
 
 Attention (per head, d_h = d_model / n_head), with rotary position embeddings (RoPE):
     q_t, k_t, v_t = W_q x_t, W_k x_t, W_v x_t          (one fused `qkv` Linear)
+    q_t, k_t      = RMSNorm(q_t), RMSNorm(k_t)         QK-norm (`qk_norm`), one gain vector for both
     q_t, k_t      = R(t) q_t, R(t) k_t                 R(t) rotates pair i by angle t * theta^(-2i/d_h)
     a_{t,s}       = softmax_{s <= t}( q_t . k_s / sqrt(d_h) )      causal: s <= t only
     out_t         = W_o concat_heads( sum_s a_{t,s} v_s )
   Because R(t)^T R(s) = R(s - t), the score q_t . k_s depends only on the offset s - t: RoPE
   encodes *relative* position, which is also why a key-value cache can keep absolute positions.
+
+  Why QK-norm (as in OLMo 2, Gemma 3, modded-nanoGPT): without it a score's size is the product
+  of |q| and |k|, so a sharp attention pattern must wait for W_q and W_k to grow, and in the
+  default profile's 733 steps they do not: the first layers' heads stayed close to uniform
+  (mean distance attended ~85 of the ~96 a uniform head gives at positions 128-255). With each
+  head's q and k normalised (|q| = |k| = sqrt(d_h) times the gain), a score ranges over
+  +-sqrt(d_h) * gain^2 from the first step. On the default profile (3M tokens, one run each, AMD
+  EPYC) val / test bits per byte 1.943 / 2.261 with it against 1.995 / 2.286 without.
 
 MLP: SwiGLU (Shazeer 2020),  MLP(x) = W_2 ( silu(W_g x) * (W_u x) ), W_g and W_u fused in `fc`.
   Why SwiGLU rather than GELU: at equal parameters and FLOPs (hidden width 2/3 * mlp_ratio *
@@ -190,13 +199,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)   # W_q, W_k, W_v fused
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)      # W_o
+        self.qk_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # one matmul for all heads of q, k, v, then heads first: [3, B, H, T, d_h]
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)   # RoPE on q and k together
+        qk = qkv[:2] if self.qk_norm is None else self.qk_norm(qkv[:2])
+        q, k = apply_rotary(qk, cos, sin).unbind(0)   # RoPE on q and k together
         v = qkv[2]
         if kv_cache is not None:   # attend over the cached positions too
             k, v = kv_cache.update(self.layer, k, v)

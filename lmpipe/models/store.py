@@ -93,7 +93,10 @@ def save_model(model: nn.Module, folder: str | os.PathLike, model_type: str,
         # metadata as a hash map, so two or more entries come out in a different order on
         # every save and the file would not be byte-identical across runs.
         safetensors.torch.save_model(plain, str(tmp))
-    info = {**(extra or {}), "model_type": model_type, "config": _config_dict(config)}
+    # every field written out, defaults included: a default that changes later (as qk_norm's
+    # did) never changes what a saved folder means
+    full = MODEL_TYPES[model_type][1].model_validate(_config_dict(config)).model_dump(mode="json")
+    info = {**(extra or {}), "model_type": model_type, "config": full}
     write_json_atomic(folder / MODEL_CONFIG_FILE, info)
     return folder
 

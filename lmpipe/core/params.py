@@ -397,8 +397,10 @@ class PretrainParams(Section):
     # 16 windows per step as 2 micro-batches of 8: the same windows and the same gradient
     # (up to rounding) as one batch of 16, 13% less CPU time per step (activations that stay
     # in cache; benchmarks/train.py); 16 val batches of 8 are the same val windows as 8 of 16.
+    # lr 3e-3 and weight decay 0.5: the lowest val loss of the QK-norm sweep (README, "Why
+    # these defaults"; benchmarks/points/transformer.yaml).
     train: TrainParams = Field(default_factory=lambda: TrainParams(
-        optimizer="muon", lr=6e-3, min_lr=6e-4, warmup_steps=30, weight_decay=0.1,
+        optimizer="muon", lr=3e-3, min_lr=3e-4, warmup_steps=30, weight_decay=0.5,
         batch_size=8, grad_accum=2, max_steps=None, max_tokens=3_000_000, max_seconds=None,
         eval_every=100, eval_batches=16, checkpoint_every=200))
 

@@ -98,8 +98,9 @@ def test_system_line_follows_the_model_unless_given(root, capsys):
                                  ("Be brief.", ["--system", ""], None),
                                  ("Be brief.", ["--system", "Hi."], "Hi.")]:
         save_model(model, folder, "transformer", model.config, extra={"system_prompt": recorded})
+        # no repetition penalty on either side: the comparison is about the system line
         assert main(["chat", "--model", "sft", "--prompt", "Shout: apple", "--temperature", "0",
-                     "--max-new-tokens", "6", *flag]) == 0
+                     "--max-new-tokens", "6", "--repetition-penalty", "1.0", *flag]) == 0
         new = generate(model, encode_chat(tok, "Shout: apple", system=used).ids, 6,
                        temperature=0.0, stop_ids=stop_ids(tok))
         assert capsys.readouterr().out == display_text(tok, new)[0] + "\n"

@@ -1,11 +1,12 @@
-"""Stage `evaluate`: every model on the same held-out split, one table, a report card.
+"""Stage `evaluate`: every model on the same held-out text (the val and test splits, scored
+the same way), one table, the course's order checked, a report card.
 
 Reads  data/models/{ngram,rnn,transformer,sft,lora}/, data/tokenizer/, data/tokens/, the
        training stages' metrics/*.json and plots/*/loss.csv, data/corpus/source.json,
        metrics/download.json; params `evaluate`.
 Writes metrics/evaluate.json (nested, one entry per model: `dvc metrics show` lists
-       `transformer.test_bpb` etc.), plots/evaluate/bits_per_byte.csv (each model's val and
-       test bits per byte, a DVC plot), reports/report.md + reports/*.png; logs the metrics as
+       `transformer.test_bpb`, `transformer.val_bpb` etc.), plots/evaluate/bits_per_byte.csv
+       (each model's val and test bits per byte, a DVC plot), reports/report.md + reports/*.png; logs the metrics as
        `<model>.<metric>`, the report and the plots to MLflow.
 How each model is scored (windows, stride, the RNN's carried state): lmpipe/evaluation/.
 """
@@ -56,7 +57,8 @@ from lmpipe.tokenizer.chat_template import encode_chat, stop_ids
 from lmpipe.tokenizer.model import Tokenizer
 
 NAME = "evaluate"
-SPLIT = "test"   # metrics keys test_ppl, test_bpb, ... (lmpipe/tracking/registry.py reads test_bpb)
+SPLIT = "test"   # the headline split (lmpipe/tracking/registry.py reads test_bpb)
+SPLITS = ("val", SPLIT)   # both scored here the same way: the family's order is checked on each
 # Metrics copied from the finetuning stages' own files (they own the instruction data).
 TUNED_KEYS = ("val_response_ppl", "base_val_response_ppl", "val_response_ppl_ratio",
               "val_response_loss", "base_val_response_loss", "trainable_params", "trainable_pct")
@@ -76,18 +78,29 @@ def model_folders(models: list[str]) -> dict[str, Path]:
     return folders
 
 
+def stride_for(p: EvaluateParams, loaded) -> int | None:
+    """The Transformers slide by `evaluate.stride`, or by half their context when it is null
+    (every token then reads at least C/2 tokens, as the RNN reads its whole past); the RNN
+    carries its state unless `rnn_context` asks for windows."""
+    if loaded.kind == "transformer" or p.rnn_context:
+        return p.stride or max(1, loaded.context_length // 2)
+    return None
+
+
 def score_models(p: EvaluateParams, folders: dict[str, Path], device: str, tok) -> dict[str, dict]:
-    ids, n_bytes = ids_and_bytes(SPLIT, p.max_tokens, tok)
+    splits = {split: ids_and_bytes(split, p.max_tokens, tok) for split in SPLITS}
     results = {}
     for m, folder in folders.items():
         loaded = load_for_scoring(folder, device=device, rnn_context=p.rnn_context)
-        stride = p.stride if loaded.kind == "transformer" or p.rnn_context else None
-        score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, stride=stride,
-                          batch_size=p.batch_size, rnn_chunk=p.rnn_chunk, dtype=p.dtype,
-                          progress=True, desc=f"evaluate {m}")
-        results[m] = score.metrics(SPLIT)
-        print(f"evaluate: {m:<12} {SPLIT} ppl {score.ppl:10.3f}  bpb {score.bpb:.4f}  "
-              f"({score.n_tokens} tokens, {score.tokens_per_second:,.0f} tok/s, {score.dtype})")
+        results[m] = {}
+        for split, (ids, n_bytes) in splits.items():   # test last: its speed is the one kept
+            score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id,
+                              stride=stride_for(p, loaded), batch_size=p.batch_size,
+                              rnn_chunk=p.rnn_chunk, dtype=p.dtype, progress=True,
+                              desc=f"evaluate {m} {split}")
+            results[m].update(score.metrics(split))
+            print(f"evaluate: {m:<12} {split:<4} ppl {score.ppl:10.3f}  bpb {score.bpb:.4f}  "
+                  f"({score.n_tokens} tokens, {score.tokens_per_second:,.0f} tok/s, {score.dtype})")
         del loaded   # free one model before loading the next
     return results
 
@@ -151,7 +164,7 @@ def run(params: Params) -> None:
         log.log_metrics(flatten(results))
         # The bits-per-byte chart of `dvc plots show` / `dvc plots diff` (dvc.yaml: bits_per_byte)
         write_csv(plots_dir(NAME) / "bits_per_byte.csv", ("model", "val_bpb", "test_bpb"),
-                  [{"model": m, "val_bpb": stage_metrics[m].get("val_bpb"),
+                  [{"model": m, "val_bpb": results[m].get("val_bpb"),
                     "test_bpb": results[m].get("test_bpb")} for m in folders])
 
         curves = {}
@@ -159,13 +172,14 @@ def run(params: Params) -> None:
             csv_path = plots_dir(MODEL_STAGE[m]) / LOSS_CSV
             if m != "ngram" and csv_path.exists():
                 curves[m] = read_loss_csv(csv_path)
-        scoring = ("Neural models: non-overlapping windows of the model's context length"
-                   if p.stride is None else f"Neural models: sliding windows, stride {p.stride}")
+        scoring = ("Transformers: sliding windows, stride half the context length (every token "
+                   "reads at least that many before it)" if p.stride is None
+                   else f"Transformers: sliding windows, stride {p.stride}")
         scoring += ("; the RNN carries its hidden state through the whole split."
                     if p.rnn_context is None else
                     f"; the RNN reads windows of {p.rnn_context} tokens from a zero state.")
         if p.max_tokens is not None:
-            scoring += (f" Only {p.max_tokens} tokens of the split are scored: whole documents "
+            scoring += (f" Only {p.max_tokens} tokens of each split are scored: whole documents "
                         "drawn by a fixed permutation, the same for every model.")
         data = ReportData(
             results=results,

@@ -428,13 +428,17 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     run(_params())
     metrics = json.loads((eval_project / "metrics" / "evaluate.json").read_text())
     assert list(metrics) == sorted(ALL)
-    ids, n_bytes = ids_and_bytes("test", 400, tok)
-    expected = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
-                         ids, n_bytes, eos_id=tok.eos_id, dtype=Params().evaluate.dtype)
     t = metrics["transformer"]
-    assert t["test_ppl"] == pytest.approx(expected.ppl, rel=1e-5)
-    assert t["test_bpb"] == pytest.approx(expected.bpb, rel=1e-5)
-    assert (t["test_tokens"], t["test_bytes"], t["context_length"]) == (ids.size, n_bytes, CTX)
+    for split in ("val", "test"):   # both splits, the same way: windows sliding by half the context
+        ids, n_bytes = ids_and_bytes(split, 400, tok)
+        expected = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
+                             ids, n_bytes, eos_id=tok.eos_id, stride=CTX // 2,
+                             dtype=Params().evaluate.dtype)
+        assert t[f"{split}_ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+        assert t[f"{split}_bpb"] == pytest.approx(expected.bpb, rel=1e-5)
+        assert (t[f"{split}_tokens"], t[f"{split}_bytes"]) == (ids.size, n_bytes)
+    assert t["context_length"] == CTX and t["stride"] == CTX // 2
+    assert t["val_bpb"] != t["test_bpb"]
     assert t["tokens_per_second"] > 0 and t["params"] > 0
     assert metrics["rnn"]["context_length"] == 0
     assert metrics["ngram"]["test_tokens"] == 400 and metrics["ngram"]["params"] > 0
@@ -444,10 +448,13 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
 
     report = (eval_project / "reports" / "report.md").read_text()
     assert ("| model | stage | parameters | train time (s) | tokens seen | stopped by | "
-            "published step | val ppl | test ppl |") in report
+            "published step | val bpb | test ppl | test bpb |") in report
     for name in ALL:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-        assert f"{metrics[name]['test_bpb']:,.3f}" in row
+        assert f"{metrics[name]['val_bpb']:,.3f}" in row and f"{metrics[name]['test_bpb']:,.3f}" in row
+    assert "The course's order, Transformer < RNN < n-gram in bits per byte, " in report
+    assert ("Transformers: sliding windows, stride half the context length" in report
+            and "the RNN carries its hidden state through the whole split" in report)
     assert "## SFT versus LoRA" in report and "| lora | 512 |" in report
     assert f"input `tinyshakespeare.txt`: 24,000 bytes, sha256 `{'ab' * 32}`" in report
     assert f"sha256 of all inputs: `{'cd' * 32}`" in report and "git commit" in report
@@ -463,6 +470,10 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
     assert "small demonstration model" in what and "instruction examples" in what
     bpb_csv = (eval_project / "plots" / "evaluate" / "bits_per_byte.csv").read_text().splitlines()
     assert bpb_csv[0] == "model,val_bpb,test_bpb" and len(bpb_csv) == 1 + len(ALL)   # DVC plot
+    t_row = next(r for r in bpb_csv if r.startswith("transformer,"))
+    val_bpb, test_bpb = map(float, t_row.split(",")[1:])   # evaluate's own val figure
+    assert (val_bpb, test_bpb) == (pytest.approx(t["val_bpb"], rel=1e-5),
+                                   pytest.approx(t["test_bpb"], rel=1e-5))
     assert "### ngram" in report and "[no sample" not in report
     for png in ("loss_curves.png", "bits_per_byte.png"):
         data = (eval_project / "reports" / png).read_bytes()
@@ -534,6 +545,27 @@ def test_metrics_file_is_readable_by_dvc_metrics_show(eval_project, monkeypatch)
     data = next(iter(shown.values()))["data"]["metrics/evaluate.json"]["data"]
     expected = json.loads((eval_project / "metrics" / "evaluate.json").read_text())
     assert data["transformer"]["test_bpb"] == expected["transformer"]["test_bpb"]
+
+
+def test_report_says_where_the_course_order_holds_with_the_ratios():
+    from lmpipe.evaluation.report import ReportData, family_order, render_markdown
+
+    results = {"ngram": {"val_bpb": 2.0, "test_bpb": 2.4},
+               "rnn": {"val_bpb": 1.9, "test_bpb": 2.2},
+               "transformer": {"val_bpb": 1.8, "test_bpb": 2.3}}
+    assert family_order(results, "val") == {"holds": True, "rnn_vs_ngram": pytest.approx(0.95),
+                                            "transformer_vs_ngram": pytest.approx(0.9)}
+    assert family_order(results, "test")["holds"] is False   # Transformer behind the RNN
+    report = render_markdown(ReportData(results=results))
+    assert ("The course's order, Transformer < RNN < n-gram in bits per byte, holds on val "
+            "(RNN 0.950x, Transformer 0.900x the n-gram's bits per byte); **does not hold** on "
+            "test (RNN 0.917x, Transformer 0.958x the n-gram's bits per byte).") in report
+    # ties do not count as in order, and a missing model means no claim at all
+    results["transformer"]["val_bpb"] = 1.9
+    assert family_order(results, "val")["holds"] is False
+    del results["rnn"]
+    assert family_order(results, "val") is None
+    assert "course's order" not in render_markdown(ReportData(results=results))
 
 
 def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_path):

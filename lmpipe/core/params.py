@@ -470,7 +470,7 @@ class EvaluateParams(Section):
     stride: int | None = Field(
         default=None, ge=1,
         description="Sliding-window stride for the Transformers (<= context_length); "
-        "null = non-overlapping windows of the context length",
+        "null = half the model's context length; the context length = non-overlapping windows",
     )
     rnn_context: int | None = Field(
         default=None, ge=1,

@@ -121,6 +121,7 @@ def render_markdown(data: ReportData) -> str:
     if best is not None:
         lines += [f"Best model on the {data.split} split: **{best}** at "
                   f"{_fmt(data.results[best].get(f'{data.split}_bpb'), 4)} bits per byte.", ""]
+    lines += _order_lines(data)
     for section in (_what_section, _models_section, _tuned_section, _data_section, _tokenizer_section,
                     _environment_section, _samples_section):
         lines += section(data)
@@ -130,6 +131,34 @@ def render_markdown(data: ReportData) -> str:
 def _best(data: ReportData) -> str | None:
     return min(data.results, key=lambda m: data.results[m].get(f"{data.split}_bpb", math.inf),
                default=None)
+
+
+FAMILY = ("ngram", "rnn", "transformer")   # the course's order: each should beat the one before
+
+
+def family_order(results: Mapping[str, Mapping[str, Any]], split: str) -> dict[str, Any] | None:
+    """Whether Transformer < RNN < n-gram in bits per byte on `split`, with each neural model's
+    ratio to the n-gram; None unless all three were scored on it."""
+    bpb = {m: results.get(m, {}).get(f"{split}_bpb") for m in FAMILY}
+    if any(v is None for v in bpb.values()):
+        return None
+    return {"holds": bpb["transformer"] < bpb["rnn"] < bpb["ngram"],
+            "rnn_vs_ngram": bpb["rnn"] / bpb["ngram"],
+            "transformer_vs_ngram": bpb["transformer"] / bpb["ngram"]}
+
+
+def _order_lines(data: ReportData) -> list[str]:
+    said = []
+    for split in dict.fromkeys(("val", data.split)):
+        o = family_order(data.results, split)
+        if o is not None:
+            said.append(f"{'holds' if o['holds'] else '**does not hold**'} on {split} "
+                        f"(RNN {o['rnn_vs_ngram']:.3f}x, Transformer "
+                        f"{o['transformer_vs_ngram']:.3f}x the n-gram's bits per byte)")
+    if not said:
+        return []
+    return ["The course's order, Transformer < RNN < n-gram in bits per byte, "
+            + "; ".join(said) + ".", ""]
 
 
 def _what_section(data: ReportData) -> list[str]:
@@ -142,11 +171,10 @@ def _what_section(data: ReportData) -> list[str]:
 def _models_section(data: ReportData) -> list[str]:
     split, best = data.split, _best(data)
     lines = ["## Models", "",
-             f"Every model scores the same {split} tokens. Perplexity is per token of this "
-             "tokenizer; bits per byte (bpb) divides the total NLL by the UTF-8 bytes of the "
-             "text, so it does not depend on the tokenizer. Val perplexity is the training "
-             "stage's own figure, of the weights it published (the step of its lowest val "
-             "loss unless `select: last`).", ""]
+             f"Every model scores the same val and {split} tokens, in the same way. Perplexity "
+             "is per token of this tokenizer; bits per byte (bpb) divides the total NLL by the "
+             "UTF-8 bytes of the text, so it does not depend on the tokenizer. Each training "
+             "stage published the weights of its lowest val loss (unless `select: last`).", ""]
     if data.scoring:
         lines += [data.scoring, ""]
     timed = [m for m, sm in data.stage_metrics.items() if sm.get("stopped_by") == "max_seconds"]
@@ -154,7 +182,7 @@ def _models_section(data: ReportData) -> list[str]:
         lines += [f"**Warning**: {', '.join(timed)} stopped on train.max_seconds (wall clock): "
                   "these models depend on the machine's speed and are not reproducible.", ""]
     header = ["model", "stage", "parameters", "train time (s)", "tokens seen", "stopped by",
-              "published step", "val ppl", f"{split} ppl", f"{split} bpb", "vs best",
+              "published step", "val bpb", f"{split} ppl", f"{split} bpb", "vs best",
               f"{split} tokens", "scoring tok/s"]
     best_bpb = data.results[best].get(f"{split}_bpb") if best is not None else None
     rows = []
@@ -167,7 +195,7 @@ def _models_section(data: ReportData) -> list[str]:
             name, MODEL_STAGE.get(name, name), _first(r, "params") or _first(sm, "params"),
             _first(sm, "train_seconds"), _first(sm, "tokens_seen", "train_tokens"),
             _first(sm, "stopped_by"), _first(sm, "selected_step"),
-            _first(sm, "val_ppl"), r.get(f"{split}_ppl"), bpb, rel,
+            r.get("val_bpb"), r.get(f"{split}_ppl"), bpb, rel,
             r.get(f"{split}_tokens"), r.get("tokens_per_second"),
         ])
     return lines + _table(header, rows) + [

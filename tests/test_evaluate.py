@@ -548,7 +548,8 @@ def test_metrics_file_is_readable_by_dvc_metrics_show(eval_project, monkeypatch)
 
 
 def test_report_says_where_the_course_order_holds_with_the_ratios():
-    from lmpipe.evaluation.report import ReportData, family_order, render_markdown
+    from lmpipe.evaluation.metrics import family_order
+    from lmpipe.evaluation.report import ReportData, render_markdown
 
     results = {"ngram": {"val_bpb": 2.0, "test_bpb": 2.4},
                "rnn": {"val_bpb": 1.9, "test_bpb": 2.2},

@@ -17,6 +17,7 @@ from lmpipe.core.files import md5_file
 from lmpipe.core.machine import cpu_model
 from lmpipe.core.names import MODEL_STAGE
 from lmpipe.core.records import read_stage_metrics
+from lmpipe.evaluation.metrics import family_order
 
 KIND = {"ngram": "Kneser-Ney n-gram model", "rnn": "recurrent network (RNN)",
         "transformer": "Transformer", "sft": "Transformer", "lora": "Transformer"}
@@ -87,9 +88,15 @@ def results_markdown(root: Path, commit: str, changed: list[str]) -> str:
         size = (f"{sum(v for k, v in sm.items() if k.startswith('ngrams_order_')):,} n-grams"
                 if m == "ngram" else f"{(sm.get('params') or 0) / 1e6:.2f} M")
         rows.append(f"| {LABEL[m]} | {size} | {_minutes(sm.get('train_seconds'))} | "
-                    f"{_f(sm.get('val_bpb'))} | {_f(r.get('test_bpb'))} |")
+                    f"{_f(r.get('val_bpb'))} | {_f(r.get('test_bpb'))} |")
     tuned = {m: read_stage_metrics(m, root) for m in ("sft", "lora")}
     lines = [BEGIN, *rows, ""]
+    order = {s: family_order(ev, s) for s in ("val", "test")}
+    if all(order.values()):
+        lines += ["Transformer < RNN < n-gram: " + "; ".join(
+            f"{'holds' if o['holds'] else 'does not hold'} on {s} (RNN {o['rnn_vs_ngram']:.3f}x, "
+            f"Transformer {o['transformer_vs_ngram']:.3f}x the n-gram)"
+            for s, o in order.items()) + ".", ""]
     if any(tuned.values()):
         base = next((t["base_val_response_ppl"] for t in tuned.values()
                      if "base_val_response_ppl" in t), None)

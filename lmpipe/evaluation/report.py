@@ -20,6 +20,7 @@ import torch
 from lmpipe.core.files import atomic_dir
 from lmpipe.core.git import git_state
 from lmpipe.core.names import CHAT_MODELS, MODEL_STAGE, SPLITS, TIMING_FIELD_SUFFIXES
+from lmpipe.evaluation.metrics import family_order
 from lmpipe.evaluation.plots import plot_bpb, plot_loss_curves
 
 REPORT_FILE = "report.md"
@@ -131,20 +132,6 @@ def render_markdown(data: ReportData) -> str:
 def _best(data: ReportData) -> str | None:
     return min(data.results, key=lambda m: data.results[m].get(f"{data.split}_bpb", math.inf),
                default=None)
-
-
-FAMILY = ("ngram", "rnn", "transformer")   # the course's order: each should beat the one before
-
-
-def family_order(results: Mapping[str, Mapping[str, Any]], split: str) -> dict[str, Any] | None:
-    """Whether Transformer < RNN < n-gram in bits per byte on `split`, with each neural model's
-    ratio to the n-gram; None unless all three were scored on it."""
-    bpb = {m: results.get(m, {}).get(f"{split}_bpb") for m in FAMILY}
-    if any(v is None for v in bpb.values()):
-        return None
-    return {"holds": bpb["transformer"] < bpb["rnn"] < bpb["ngram"],
-            "rnn_vs_ngram": bpb["rnn"] / bpb["ngram"],
-            "transformer_vs_ngram": bpb["transformer"] / bpb["ngram"]}
 
 
 def _order_lines(data: ReportData) -> list[str]:

@@ -23,11 +23,13 @@ Each run folder sees the data folder's corpus, tokenizer and tokens through syml
 
 Scores (all in the evaluate stage's convention, via ``python -m lmpipe.cli eval --json``):
   * val and test bits per byte of every model (the split's text as one document; the
-    Transformer in non-overlapping windows of its context, the RNN carrying its state);
+    Transformer in windows sliding by half its context, the RNN carrying its state);
   * the "nanoGPT protocol": nats per byte on the LAST 10% of the corpus's characters
     (``text[int(0.9 * len(text)):]``, nanoGPT's val split; = val + test here), for the
-    Transformer both in non-overlapping windows (``lt10``) and with sliding windows of stride
-    ``--stride`` (``lt10s``), and for the RNN and the n-gram.
+    Transformer both in windows sliding by half its context (``lt10``) and with sliding windows
+    of stride ``--stride`` (``lt10s``), and for the RNN and the n-gram.
+Runs scored before the evaluate stage's default became half the context (d5b1385) hold
+non-overlapping figures in ``val_bpb``/``test_bpb``/``lt10``: ``--rescore`` scores them again.
 Training seconds are the stage's own ``train_seconds``; the 1-minute load average before each
 training is recorded next to it (the machine is shared: timings are noisy).
 
@@ -217,7 +219,7 @@ def model_run(root: Path, data_root: Path, model: str, params: dict, stride: int
     done = run_root / "sweep-result.json"
     if done.exists() and not retrain:
         res = read_json(done)
-        if RESCORE and res.get("stride_scored") != stride:
+        if RESCORE:
             score_run(res, run_root, data_root, model, stride)
             done.write_text(json.dumps(res, indent=1))
         return res
@@ -325,10 +327,11 @@ def print_table(rows: list[dict], varied: list[str], out=sys.stdout) -> None:
             else:
                 cells.append(fmt(v, w, digits))
         print(" ".join(cells), file=out)
-    print("bpb = bits per UTF-8 byte (val/test split as one document; T: non-overlapping "
-          "windows of its context, R: state carried; Tvals/Ttests: T with sliding windows of "
+    print("bpb = bits per UTF-8 byte (val/test split as one document; T: windows sliding by "
+          "half its context, R: state carried; Tvals/Ttests: T with sliding windows of "
           "stride --stride); lt10 = Transformer nats/byte on the last "
-          "10% of the corpus (non-overlapping windows), lt10s = the same with sliding windows; "
+          "10% of the corpus (windows sliding by half the context), lt10s = the same with "
+          "stride --stride; "
           "Tsec/Rsec = training seconds here (wall); Tcpu = CPU seconds of the whole pretrain stage "
           "process (user+sys: less sensitive to other users' load than wall); Tbest = published step / steps; Tload = "
           "1-min load average before training. ok: o order T<R<N, t T<=0.93N, r R<=0.98N, "

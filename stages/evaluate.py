@@ -78,15 +78,6 @@ def model_folders(models: list[str]) -> dict[str, Path]:
     return folders
 
 
-def stride_for(p: EvaluateParams, loaded) -> int | None:
-    """The Transformers slide by `evaluate.stride`, or by half their context when it is null
-    (every token then reads at least C/2 tokens, as the RNN reads its whole past); the RNN
-    carries its state unless `rnn_context` asks for windows."""
-    if loaded.kind == "transformer" or p.rnn_context:
-        return p.stride or max(1, loaded.context_length // 2)
-    return None
-
-
 def score_models(p: EvaluateParams, folders: dict[str, Path], device: str, tok) -> dict[str, dict]:
     splits = {split: ids_and_bytes(split, p.max_tokens, tok) for split in SPLITS}
     results = {}
@@ -95,7 +86,7 @@ def score_models(p: EvaluateParams, folders: dict[str, Path], device: str, tok) 
         results[m] = {}
         for split, (ids, n_bytes) in splits.items():   # test last: its speed is the one kept
             score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id,
-                              stride=stride_for(p, loaded), batch_size=p.batch_size,
+                              stride=p.stride, batch_size=p.batch_size,
                               rnn_chunk=p.rnn_chunk, dtype=p.dtype, progress=True,
                               desc=f"evaluate {m} {split}")
             results[m].update(score.metrics(split))

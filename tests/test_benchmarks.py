@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from lmpipe.core.params import TrainParams
 from lmpipe.data.batches import TokenBatches
@@ -163,8 +164,10 @@ def test_the_nanogpt_protocol_scores_the_last_tenth_in_nats_per_byte(tmp_path, m
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = (mirror / "tinyshakespeare.txt").read_bytes()
     assert (keep / "last10.txt").read_bytes() == data[int(0.9 * len(data)):]
+    context = yaml.safe_load((keep / "params.yaml").read_text())["pretrain"]["model"]["context_length"]
     scored = subprocess.run([sys.executable, "-m", "lmpipe.cli", "eval", "--model", "transformer",
-                             "--text", str(keep / "last10.txt"), "--json"], cwd=keep,
+                             "--text", str(keep / "last10.txt"), "--stride", str(context),
+                             "--json"], cwd=keep,
                             env={**env, "LMPIPE_ROOT": str(keep),
                                  "LMPIPE_PARAMS": str(keep / "params.yaml"),
                                  "LMPIPE_TRACKING": "off"},

@@ -268,7 +268,7 @@ def test_transformer_ppl_is_exp_of_the_mean_token_loss(eval_project, assets, tok
 
     ids, n_bytes = ids_and_bytes("test", None)
     loaded = load_for_scoring(eval_project / "data" / "models" / "transformer")
-    score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, batch_size=5)
+    score = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, stride=CTX, batch_size=5)
     assert score.n_tokens == test_ids.size
     assert score.ppl == pytest.approx(math.exp(mean_loss), rel=1e-5)
     meta = json.loads((eval_project / "data" / "tokens" / "meta.json").read_text())
@@ -504,9 +504,15 @@ def test_stage_with_stride_and_cap(eval_project, tok, monkeypatch):
     t = json.loads((eval_project / "metrics" / "evaluate.json").read_text())["transformer"]
     assert t["test_tokens"] == 200 and t["stride"] == CTX
     ids, n_bytes = ids_and_bytes("test", 200, tok)
-    plain = score_ids(load_for_scoring(eval_project / "data" / "models" / "transformer"),
-                      ids, n_bytes, eos_id=tok.eos_id)
+    loaded = load_for_scoring(eval_project / "data" / "models" / "transformer")
+    plain = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id, stride=CTX)
     assert t["test_ppl"] == pytest.approx(plain.ppl, rel=1e-5)
+    # stride null (the default) is half the context: every token reads at least CTX/2 tokens
+    half = score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id)
+    assert half.extra["stride"] == CTX // 2
+    assert half.total_nll == score_ids(loaded, ids, n_bytes, eos_id=tok.eos_id,
+                                       stride=CTX // 2).total_nll
+    assert half.ppl != pytest.approx(plain.ppl, rel=1e-5)
     assert "## Samples" not in (eval_project / "reports" / "report.md").read_text()
 
 

@@ -34,8 +34,8 @@ def register(sub) -> None:
                    "models:/lmpipe-transformer@champion, models:/NAME/VERSION, an MLflow run id")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
     p.add_argument("--stride", type=int, default=None,
-                   help="sliding-window stride for Transformers (default: non-overlapping "
-                        "windows of the context length)")
+                   help="sliding-window stride for Transformers (default: half the context "
+                        "length, as the evaluate stage; the context length = non-overlapping)")
     p.add_argument("--rnn-context", type=int, default=None,
                    help="score the RNN in windows of N tokens (default: carry its state)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")

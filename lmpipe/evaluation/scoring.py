@@ -135,6 +135,11 @@ def score_ids(loaded: LoadedModel, ids: np.ndarray, n_bytes: int, *, eos_id: int
               stride_key: str = "evaluate.stride") -> Score:
     """Score a token stream covering `n_bytes` bytes of text with a loaded model.
 
+    A model that reads windows (a Transformer; an RNN given `rnn_context`) slides them by
+    `stride`, or by half its context when `stride` is None: every token then reads at least
+    C/2 tokens before it, the fair match for an RNN that reads its whole past (stride = C is
+    the cheaper non-overlapping scheme, where a window's first tokens read almost nothing).
+
     `dtype` 'auto' (`resolve_dtype`) applies to Transformers; recurrent models score in
     float32 under 'auto' (a state carried through the stream would carry bf16 rounding from
     token to token). `Score.dtype` says which precision ran."""
@@ -162,11 +167,12 @@ def score_ids(loaded: LoadedModel, ids: np.ndarray, n_bytes: int, *, eos_id: int
                                 progress=progress, desc=desc)
         extra["context_length"] = 0   # 0 = unbounded (state carried through the stream)
     else:
+        stride = stride or max(1, loaded.context_length // 2)
         total = score_windows(loaded.model, ids, loaded.context_length, eos_id=eos_id,
                               stride=stride, batch_size=batch_size, dtype=dtype,
                               progress=progress, desc=desc, stride_key=stride_key)
         extra["context_length"] = int(loaded.context_length)
-        extra["stride"] = int(stride or loaded.context_length)
+        extra["stride"] = int(stride)
     seconds = time.perf_counter() - t0
     if not math.isfinite(total):
         raise RuntimeError(f"{loaded.folder}: the model gave a non-finite NLL ({total})")

@@ -5,7 +5,8 @@ How a neural model sees the stream
 Write the model input as ``s = [EOS] + ids`` (length N + 1); target position p = 1..N is
 predicted from ``s[:p]``, cut to what fits the model.
 
-* **Non-overlapping windows** (the default, ``stride=None``): ``s`` is cut into consecutive
+* **Non-overlapping windows** (``stride=None`` here; `score_ids`, which the evaluate stage and
+  ``lmpipe eval`` call, passes half the context instead): ``s`` is cut into consecutive
   windows of the model's context length C; window k reads ``s[kC:(k+1)C]`` and scores the C
   targets ``s[kC+1:(k+1)C+1]``. Cheap (each token is read once) but the first token of every
   window has almost no context, so the figure is pessimistic by a little.

@@ -9,7 +9,9 @@ Used by benchmarks/train.py; each function returns a dict of figures and bounds:
   thread on a CPU). Decoding one token reads every weight once, so that pass bounds the rate
   of any decoder that keeps the weights in fp32.
 * `scoring_speed`: `lmpipe.evaluation.neural.score_windows` (what `evaluate` runs) in fp32
-  and in bf16 on random tokens, and the bound at the bf16 peak: peak / forward FLOPs per token.
+  and in bf16 on random tokens, in non-overlapping windows of the context (the forward rate)
+  and in windows sliding by half the context (`evaluate`'s default, which reads every token
+  twice: about half the rate), and the bound at the bf16 peak: peak / forward FLOPs per token.
 
 Run as a script (`python benchmarks/inference.py --model-json CFG --json OUT ...`) it measures
 both and writes them as JSON: benchmarks/train.py runs it in a child process so that these
@@ -121,19 +123,23 @@ def generation_speed(model_cfg: dict, device: torch.device, new_tokens: int = 25
 
 def scoring_speed(model_cfg: dict, device: torch.device, batch_size: int, peak_bf16: float,
                   windows: int = 32, rounds: int = 3) -> dict:
-    """Tokens/s of `score_windows` over `windows` random windows, fp32 and bf16 alternated."""
+    """Tokens/s of `score_windows` over `windows` random windows, fp32 and bf16 alternated;
+    `<dtype>_half`: the same tokens in windows sliding by half the context."""
     model = scrambled_model(model_cfg, device)
     context = model.config.context_length
     ids = np.random.default_rng(0).integers(3, model_cfg["vocab_size"], size=windows * context)
     score_windows(model, ids[:context * batch_size], context, eos_id=2, batch_size=batch_size)
-    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": [], "float32_half": [],
+                                     "bfloat16_half": []}
     for _ in range(rounds):
-        for dtype in times:
+        for key in times:
+            dtype, half = key.removesuffix("_half"), key.endswith("_half")
             _sync(device)
             t = time.perf_counter()
-            score_windows(model, ids, context, eos_id=2, batch_size=batch_size, dtype=dtype)
+            score_windows(model, ids, context, eos_id=2, batch_size=batch_size, dtype=dtype,
+                          stride=max(1, context // 2) if half else None)
             _sync(device)
-            times[dtype].append(time.perf_counter() - t)
+            times[key].append(time.perf_counter() - t)
     fwd_flops = model.flops_per_token(training=False)
     out = {k: {"tokens_per_s": ids.size / min(v), "tokens_per_s_median": ids.size / float(np.median(v))}
            for k, v in times.items()}

@@ -58,6 +58,10 @@ def test_the_benchmark_table_shows_each_measure_next_to_its_target(tmp_path):
     assert gen["identical"] is True and gen["distinct_tokens"] > 3
     assert ">= 1,500 tok/s" in lines[f"generate {gen['new_tokens']}, KV cache"]
     assert ">= 50,000 tok/s" in next(v for k, v in lines.items() if k.startswith("score"))
+    # and the rate of evaluate's default (windows sliding by half the context) beside it
+    key = "bfloat16" if res["cpu_native_bf16"] else "float32"
+    assert (f"{res['scoring'][key + '_half']['tokens_per_s']:,.0f} tok/s (every token read twice)"
+            in lines["evaluate's default, stride T/2"])
     # the bound is the bf16 peak over the forward FLOPs per token
     sc = res["scoring"]
     assert sc["bound_tokens_per_s"] == pytest.approx(

@@ -10,14 +10,16 @@ DVC runs them (`python -m stages.<name>` with LMPIPE_ROOT on a scratch project a
 LMPIPE_PARAMS on the profile's params): `download` (whose default split puts the first 90%
 of the text, cut at a line boundary, in train), `tokenizer` (trained on train) and `pretrain`;
 then `lmpipe eval --text` scores the LAST 10% of the file's bytes
-(`data[int(0.9 * len(data)):]`, i.e. val and test together) as one document. Its bits per byte times ln 2 are nats per byte, nanoGPT's unit
-for its ASCII text (nanoGPT's A100 model: 1.4697; the target here is <= 1.45 with <= 5
-minutes of training on the reference 2-core machine).
+(`data[int(0.9 * len(data)):]`, i.e. val and test together) as one document. Its bits per
+byte times ln 2 are nats per byte, nanoGPT's unit for its ASCII text (nanoGPT's A100 model:
+1.4697; the target here is <= 1.45 with <= 5 minutes of training on the reference 2-core
+machine).
 
 Prints nats per byte in non-overlapping windows of the context (nanoGPT's own figure averages
 the loss over whole windows, so the target is judged on this one) and in windows sliding by
-half the context (the evaluate stage's and the CLI's default), training seconds, tokens seen, the published (best-validation) step and the
-machine with its load before and after. Needs the offline mirror (LMPIPE_MIRROR) or internet.
+half the context (the evaluate stage's and the CLI's default), training seconds, tokens seen,
+the published (best-validation) step and the machine with its load before and after. Needs
+the offline mirror (LMPIPE_MIRROR) or internet.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Reads  data/models/{ngram,rnn,transformer,sft,lora}/, data/tokenizer/, data/toke
        metrics/download.json; params `evaluate`.
 Writes metrics/evaluate.json (nested, one entry per model: `dvc metrics show` lists
        `transformer.test_bpb`, `transformer.val_bpb` etc.), plots/evaluate/bits_per_byte.csv
-       (each model's val and test bits per byte, a DVC plot), reports/report.md + reports/*.png; logs the metrics as
-       `<model>.<metric>`, the report and the plots to MLflow.
+       (each model's val and test bits per byte, a DVC plot), reports/report.md +
+       reports/*.png; logs the metrics as `<model>.<metric>`, the report and the plots to
+       MLflow.
 How each model is scored (windows, stride, the RNN's carried state): lmpipe/evaluation/.
 """
 

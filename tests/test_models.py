@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmpipe.core.errors import InputError
 from lmpipe.models.rnn import RNNLM, ElmanLayer
 from lmpipe.models.store import build_model, count_parameters, load_model, save_model
 from lmpipe.models.transformer import (
     RMSNorm,
+    RMSNormFunction,
     Transformer,
     apply_rotary,
     causal_attention,
@@ -100,6 +102,42 @@ def test_rmsnorm_is_the_written_formula():
     want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.arange(1.0, 7.0).double()
     assert torch.allclose(norm(x.float()).double(), want, atol=1e-5)
     assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_training_form_matches_f_rms_norm_in_value_and_gradient(dtype):
+    """On a CPU with autograd on, RMSNorm runs its written-out backward (`RMSNormFunction`);
+    its output and both gradients equal those of `F.rms_norm` (the form used without
+    autograd), for an fp32 residual stream and a bf16 query/key as under autocast."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 16) * 3).to(dtype)
+    w = torch.randn(16)
+    dy = torch.randn(2, 5, 16).to(dtype)
+    grads = []
+    for form in ("written", "F"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if form == "written":
+            y = RMSNormFunction.apply(xi, wi, 1e-5)
+        else:
+            y = F.rms_norm(xi.float(), (16,), wi, 1e-5).to(dtype)
+        y.backward(dy)
+        grads.append((y.detach(), xi.grad, wi.grad))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for got, want in zip(grads[0], grads[1]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+    norm = RMSNorm(16)   # the module: the written-out form with autograd on, F.rms_norm without
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    assert type(norm(x).grad_fn).__name__ == "RMSNormFunctionBackward"
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), grads[0][0], **tol)
+
+
+def test_rmsnorm_written_out_gradient_passes_gradcheck():
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x, w))
 
 
 # ----------------------------------------------------------------------------- QK-norm

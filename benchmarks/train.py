@@ -56,7 +56,12 @@ from lmpipe.core.params import TrainParams  # noqa: E402
 from lmpipe.core.profiles import profile_dict  # noqa: E402
 from lmpipe.data.batches import TokenBatches  # noqa: E402
 from lmpipe.models.store import build_model  # noqa: E402
-from lmpipe.train.runtime import Runtime, cpu_supports_bf16, resolve_device  # noqa: E402
+from lmpipe.train.runtime import (  # noqa: E402
+    Runtime,
+    cpu_supports_bf16,
+    keep_freed_memory,
+    resolve_device,
+)
 from lmpipe.train.trainer import Trainer  # noqa: E402
 
 TARGETS = {"mfu": 0.30, "bf16_share_of_peak_ratio": 0.5, "cache_tokens_per_s": 1500.0,
@@ -296,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    keep_freed_memory()   # as every training stage does (setup_runtime)
     device = resolve_device(args.device)
     params = profile_dict(args.profile)
     pre = params["pretrain"]

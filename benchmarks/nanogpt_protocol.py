@@ -2,7 +2,7 @@
 
     python benchmarks/nanogpt_protocol.py                 # the default profile
     python benchmarks/nanogpt_protocol.py --profile smoke # any shipped profile (a quick check)
-    python benchmarks/nanogpt_protocol.py --keep /tmp/np  # keep the scratch project there
+    python benchmarks/nanogpt_protocol.py --keep /tmp/np  # keep the scratch project (in a new, empty folder)
 
 nanoGPT's character-level Shakespeare trains on the first 90% of the text and reports the
 loss on the last 10% (val). The same protocol here: the pipeline's own stages run exactly as
@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None, help="scratch project folder to keep")
     args = ap.parse_args(argv)
 
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        # a kept project's stages would resume from its checkpoints: the "training seconds"
+        # printed would be the earlier run's, of whatever code trained it then
+        print(f"--keep: {args.keep} is not empty; its stages would resume from the earlier "
+              "run's checkpoints and report that run's figures. Give a new folder or remove "
+              "it.", file=sys.stderr)
+        return 2
     root = args.keep or Path(tempfile.mkdtemp(prefix="nanogpt-protocol-"))
     root.mkdir(parents=True, exist_ok=True)
     params_file = root / "params.yaml"

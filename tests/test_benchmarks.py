@@ -181,3 +181,17 @@ def test_the_nanogpt_protocol_scores_the_last_tenth_in_nats_per_byte(tmp_path, m
     line = next(x for x in proc.stdout.splitlines() if "nats/byte, windows" in x)
     assert f"{want['bpb'] * math.log(2):.4f}  (target <= 1.45: NOT met)" in line
     assert f"{want['bytes']:,} bytes, {want['tokens']:,} tokens" in proc.stdout
+
+
+def test_the_nanogpt_protocol_refuses_a_kept_folder_that_is_not_empty(tmp_path):
+    """Its stages would resume from the folder's checkpoints and print the earlier run's
+    training seconds as if just measured: it exits 2 before touching anything."""
+    keep = tmp_path / "np"
+    (keep / "metrics").mkdir(parents=True)
+    (keep / "metrics" / "pretrain.json").write_text('{"train_seconds": 293.6}')
+    proc = subprocess.run([sys.executable, "benchmarks/nanogpt_protocol.py", "--keep", str(keep)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert str(keep) in proc.stderr and "not empty" in proc.stderr
+    assert sorted(p.name for p in keep.rglob("*")) == ["metrics", "pretrain.json"]

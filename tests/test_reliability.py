@@ -148,12 +148,15 @@ def written_files(root: Path) -> dict[str, tuple[int, int]]:
     files and checkpoints included."""
     out = {}
     for top in ("data", "metrics"):
-        for p in (root / top).rglob("*") if (root / top).is_dir() else ():
-            try:
-                st = p.stat()
-            except FileNotFoundError:          # a temporary renamed or removed meanwhile
-                continue
-            if not p.is_dir():
+        # os.walk, not rglob: a temporary folder the stage renames or removes mid-walk is
+        # skipped (os.walk ignores a listing that fails), where rglob raised FileNotFoundError
+        for folder, _dirs, files in os.walk(root / top):
+            for name in files:
+                p = Path(folder) / name
+                try:
+                    st = p.stat()
+                except FileNotFoundError:      # a temporary renamed or removed meanwhile
+                    continue
                 out[p.relative_to(root).as_posix()] = (st.st_mtime_ns, st.st_size)
     return out
 

@@ -646,29 +646,44 @@ def _big_corpus(folder: Path, n_bytes: int) -> int:
     return written
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("source", ["local", "hf"])
-def test_download_streams_a_corpus_larger_than_its_memory_limit(project, tmp_path, source):
-    """A corpus several times the RSS limit passes through the stage: documents stream into
-    shards, so the stage's peak RSS stays below the limit this test sets."""
-    limit_mb = 350
-    size = _big_corpus(project / "big", int(1.2 * limit_mb * 2**20))
+def _download_peak(project: Path, source: str, parts: str) -> tuple[int, float, str]:
+    """Run the download stage on the `big/part-<parts>` files of one shape; return the corpus
+    bytes it published, its peak RSS in MiB (VmHWM) and its stderr."""
     download = {"shard_bytes": 4_000_000, "instruct": {"max_rows": 50}}
     if source == "local":
-        download.update(source="local", local="big/*.txt", document_separator=SEP)
+        download.update(source="local", local=f"big/part-{parts}.txt", document_separator=SEP)
     else:
-        download.update(source="hf", hf={"path": "parquet", "data_files": ["big/*.parquet"]})
+        download.update(source="hf", hf={"path": "parquet", "data_files": [f"big/part-{parts}.parquet"]})
     (project / "params.yaml").write_text(yaml.safe_dump(deep_merge(default_params_dict(),
                                                                    {"download": download})))
     env = {**os.environ, "PYTHONPATH": str(REPO), "LMPIPE_TRACKING": "off"}
     proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
-    err = proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
     m = read_stage_metrics("download")
-    peak_mb = m["peak_rss_mb"]  # the stage's own high-water mark (VmHWM)
-    assert sum(m[f"{s}_bytes"] for s in ("train", "val", "test")) == size, err
-    assert size > 1.2 * limit_mb * 2**20 and peak_mb < limit_mb, (peak_mb, err[-2000:])
-    print(f"download ({source}): {size / 2**20:.0f} MiB corpus, peak RSS {peak_mb:.0f} MiB")
+    return sum(m[f"{s}_bytes"] for s in ("train", "val", "test")), m["peak_rss_mb"], proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["local", "hf"])
+def test_download_peak_memory_does_not_grow_with_the_corpus(project, source):
+    """Documents stream into shards, so the stage's peak RSS does not grow with the corpus:
+    four times the text (a quarter of the parts, then all of them) adds under 40 MiB to it,
+    and the whole corpus is larger than the stage's peak.
+
+    The difference, not one absolute figure, is what is asserted: the RSS of the imports alone
+    (pyarrow, `datasets`) differs between machines by tens of MiB (an absolute 350 MiB limit
+    passed here at 317 and failed on a CI machine at 380)."""
+    size = _big_corpus(project / "big", 440 * 2**20)
+    parts = len(list((project / "big").glob("part-*.txt")))
+    assert parts >= 12
+    quarter, quarter_peak, _ = _download_peak(project, source, f"[0-{parts // 4 - 1}]")
+    whole, whole_peak, err = _download_peak(project, source, "*")
+    assert whole == size and quarter < size / 3.5, (quarter, whole, size)
+    print(f"download ({source}): peak RSS {quarter_peak:.0f} MiB on {quarter / 2**20:.0f} MiB of "
+          f"corpus, {whole_peak:.0f} MiB on {whole / 2**20:.0f} MiB")
+    assert whole_peak - quarter_peak < 40, (quarter_peak, whole_peak, err[-2000:])
+    assert whole_peak * 2**20 < whole, (whole_peak, whole)
     shards = {s: split_shards(project / "data" / "corpus" / s) for s in ("train", "val", "test")}
     assert len(shards["train"]) >= 80  # 4 MB shards of the ~390 MB train split
     first = next(iter_texts(shards["train"][0]))

@@ -323,6 +323,10 @@ def test_stage_end_to_end(tmp_path, stage, model_dir):
     cfg = json.loads((root / "data" / "models" / model_dir / "config.json").read_text())
     assert cfg["model_type"] == ("transformer" if stage == "pretrain" else "rnn")
     assert cfg["config"]["vocab_size"] == 64
+    # the temperature fitted on val is in the published config, and it lowered the val loss
+    assert cfg["config"]["temperature"] == pytest.approx(metrics["temperature"], abs=1e-6)
+    assert metrics["temperature_val_loss_after"] <= metrics["temperature_val_loss_before"]
+    assert "temperature" in proc.stderr
     ckpts = sorted(p.name for p in (root / "data" / "checkpoints" / stage).iterdir())
     assert ckpts == ["step-00000010", "step-00000012"]
     # run again: resumes at the final checkpoint, trains nothing, same weights
@@ -332,6 +336,17 @@ def test_stage_end_to_end(tmp_path, stage, model_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     assert safetensors_parts(weights) == before
+
+
+def test_a_temperature_in_params_is_kept_not_fitted(tmp_path):
+    root = make_project(tmp_path, {"pretrain": {"model": {"temperature": 1.0},
+                                                "train": {"max_steps": 4, "eval_every": 2,
+                                                          "threads": 1}}})
+    proc = run_stage("pretrain", root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((root / "metrics" / "pretrain.json").read_text())
+    cfg = json.loads((root / "data" / "models" / "transformer" / "config.json").read_text())
+    assert cfg["config"]["temperature"] == 1.0 and "temperature" not in metrics
 
 
 @pytest.mark.parametrize("stage,overlay,key", [

@@ -23,6 +23,11 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     vocab_size: int | None = Field(default=None, ge=1, description=VOCAB_FROM_TOKENIZER)
+    temperature: float | None = Field(
+        default=None, gt=0,
+        description="the logits are divided by it (lmpipe/train/calibration.py); null in "
+        "params.yaml: 1 while training, then fitted on the val split (the training stage fills "
+        "it in); a number fixes it, in training too (1.0: no calibration)")
 
     def with_vocab(self, vocab_size: int, key: str) -> "ModelConfig":
         """This config for a tokenizer of `vocab_size` pieces; `key` names it in errors."""

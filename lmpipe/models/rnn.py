@@ -2,7 +2,8 @@
 
 Elman RNN (cell 'rnn'), layer l, time t:
     h_t^l = tanh( W_x^l x_t^l + W_h^l h_{t-1}^l + b^l ),     x_t^1 = E[idx_t],  x_t^{l+1} = h_t^l
-    logits_t = W_out h_t^L + b_out                            (W_out = E when tie_embeddings)
+    logits_t = (W_out h_t^L + b_out) / T                      (W_out = E when tie_embeddings;
+                                                               T: fitted on val after training)
 
 `ElmanLayer` below computes exactly this, in plain sight. It is also fast: the input term
 W_x x_t + b does not depend on the past, so it is one matmul for the whole sequence; only the
@@ -96,6 +97,8 @@ class RNNLM(nn.Module):
             x, new_state = self.rnn(x, state)
             x = self.dropout(x)
         logits = self.head(x)
+        if self.config.temperature is not None:   # None while training: T = 1
+            logits = logits / self.config.temperature
         loss = None if targets is None else lm_loss(logits, targets)
         if return_state:
             return logits, loss, new_state

@@ -3,7 +3,8 @@
     x_0      = E[idx]                                   token embedding, no absolute positions
     h        = x_l + Attn(RMSNorm(x_l))                 pre-norm residual block ...
     x_{l+1}  = h + MLP(RMSNorm(h))                      ... repeated n_layer times
-    logits   = RMSNorm(x_L) @ W_out^T                   W_out = E when tie_embeddings
+    logits   = RMSNorm(x_L) @ W_out^T / T               W_out = E when tie_embeddings; T: the
+                                                        temperature fitted on val after training
 
 RMSNorm(x)   = x / sqrt(mean(x^2) + eps) * g           (no mean subtraction, no bias)
 
@@ -360,6 +361,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         logits = self.head(self.norm(x))
+        if self.config.temperature is not None:   # None while training: T = 1
+            logits = logits / self.config.temperature
         loss = None if targets is None else lm_loss(logits, targets)
         return logits, loss
 

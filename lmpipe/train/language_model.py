@@ -2,7 +2,8 @@
 then published with its val figure, loss curves and metrics.
 
     data   = TokenData.load()                      data/tokens/{train,val}.bin, memory-mapped
-    result = fit_language_model(...)               lmpipe/train/trainer.py, resumable
+    result = fit_language_model(...)               lmpipe/train/trainer.py, resumable; then the
+                                                   temperature fitted on val (calibration.py)
     publish_language_model(...)                    rank 0: model folder, plots, metrics
 
 The stage's val figure is the whole val split under the scoring convention of
@@ -30,6 +31,7 @@ from lmpipe.evaluation.metrics import bits_per_byte, perplexity
 from lmpipe.evaluation.neural import score_windows
 from lmpipe.evaluation.plots import write_loss_plots
 from lmpipe.models.store import count_parameters, model_type_of, save_model
+from lmpipe.train.calibration import fit_temperature
 from lmpipe.train.checkpoint import data_digest, run_fingerprint
 from lmpipe.train.runtime import Runtime
 from lmpipe.train.trainer import Trainer, TrainResult
@@ -76,7 +78,16 @@ def fit_language_model(stage: str, model: nn.Module, cfg, data: TokenData, *,
     trainer = Trainer(model, cfg, batches=batches, eval_batches=evals, rt=rt, logger=logger,
                       checkpoint_dir=checkpoints_dir() / stage, fingerprint=fingerprint,
                       name=stage)
-    return trainer.fit()
+    result = trainer.fit()
+    if model.config.temperature is None and evals:
+        t0 = time.perf_counter()
+        result.calibration = fit = fit_temperature(model, evals, rt)
+        if fit is not None:
+            model.config = model.config.model_copy(update={"temperature": fit.temperature})
+            note(f"{stage}: temperature {fit.temperature:.4f} fitted on val in {fit.passes} passes "
+                 f"({time.perf_counter() - t0:.1f} s): val loss {fit.loss_before:.4f} -> "
+                 f"{fit.loss_after:.4f} nats/token on the selection windows")
+    return result
 
 
 def publish_language_model(stage: str, model: nn.Module, result: TrainResult, data: TokenData,
@@ -95,6 +106,7 @@ def publish_language_model(stage: str, model: nn.Module, result: TrainResult, da
     metrics = {
         "train_loss": round(result.train_loss, 6),
         **result.selection_metrics(),
+        **(result.calibration.metrics() if result.calibration is not None else {}),
         "val_loss": round(total_nll / n_val, 6),
         "val_ppl": round(perplexity(total_nll, n_val), 6),
         "val_bpb": round(bits_per_byte(total_nll, val_bytes), 6),

@@ -59,6 +59,7 @@ from lmpipe.core.errors import InputError
 from lmpipe.core.metric_logger import MetricLogger, NullLogger
 from lmpipe.core.names import IGNORE_INDEX
 from lmpipe.train import checkpoint as ckpt
+from lmpipe.train.calibration import TemperatureFit
 from lmpipe.train.optim import build_optimizers, lr_at
 from lmpipe.train.runtime import Runtime, setup_runtime
 
@@ -106,6 +107,7 @@ class TrainResult:
     final_val_loss: float | None = None  # the periodic val loss at the last step
     selected_step: int | None = None     # the step whose weights the model holds on return
     eval_seconds: float = 0.0            # this session's time in periodic evaluations
+    calibration: TemperatureFit | None = None   # the temperature fitted after training, if any
 
     @property
     def tokens_per_second(self) -> float:

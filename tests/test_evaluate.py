@@ -448,7 +448,7 @@ def test_stage_writes_nested_metrics_report_and_plots(eval_project, tok, mlflow_
 
     report = (eval_project / "reports" / "report.md").read_text()
     assert ("| model | stage | parameters | train time (s) | tokens seen | stopped by | "
-            "published step | val bpb | test ppl | test bpb |") in report
+            "published step | temperature | val bpb | test ppl | test bpb |") in report
     for name in ALL:
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         assert f"{metrics[name]['val_bpb']:,.3f}" in row and f"{metrics[name]['test_bpb']:,.3f}" in row
@@ -582,13 +582,14 @@ def test_report_names_the_best_model_and_the_gap_and_plots_without_curves(tmp_pa
         results={"ngram": {"test_bpb": 2.0, "test_ppl": 30.0, "params": 5000},
                  "transformer": {"test_bpb": 1.5, "test_ppl": 12.0, "params": 100}},
         stage_metrics={"transformer": {"train_seconds": 60.0, "tokens_seen": 1_000_000,
-                                       "stopped_by": "max_tokens", "selected_step": 300}},
+                                       "stopped_by": "max_tokens", "selected_step": 300,
+                                       "temperature": 1.1172}},
     )
     files = write_report(tmp_path / "reports", data)
     report = files["report"].read_text()
     assert "Best model on the test split: **transformer** at 1.5000 bits per byte." in report
-    assert "| ngram | ngram | 5,000 | - | - | - | - | - | 30.000 | 2.000 | +33.3% |" in report
-    assert ("| transformer | pretrain | 100 | 60.000 | 1,000,000 | max_tokens | 300 | - | "
+    assert "| ngram | ngram | 5,000 | - | - | - | - | - | - | 30.000 | 2.000 | +33.3% |" in report
+    assert ("| transformer | pretrain | 100 | 60.000 | 1,000,000 | max_tokens | 300 | 1.117 | - | "
             "12.000 | 1.500 | best |") in report
     assert "max_seconds" not in report
     # a model stopped by the wall clock is flagged: it is not reproducible

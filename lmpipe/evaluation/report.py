@@ -161,7 +161,10 @@ def _models_section(data: ReportData) -> list[str]:
              f"Every model scores the same val and {split} tokens, in the same way. Perplexity "
              "is per token of this tokenizer; bits per byte (bpb) divides the total NLL by the "
              "UTF-8 bytes of the text, so it does not depend on the tokenizer. Each training "
-             "stage published the weights of its lowest val loss (unless `select: last`).", ""]
+             "stage published the weights of its lowest val loss (unless `select: last`); the "
+             "RNN and the Transformer divide their logits by a temperature fitted on val after "
+             "training (lmpipe/train/calibration.py; the finetuned models keep the pretrained "
+             "one's).", ""]
     if data.scoring:
         lines += [data.scoring, ""]
     timed = [m for m, sm in data.stage_metrics.items() if sm.get("stopped_by") == "max_seconds"]
@@ -169,7 +172,7 @@ def _models_section(data: ReportData) -> list[str]:
         lines += [f"**Warning**: {', '.join(timed)} stopped on train.max_seconds (wall clock): "
                   "these models depend on the machine's speed and are not reproducible.", ""]
     header = ["model", "stage", "parameters", "train time (s)", "tokens seen", "stopped by",
-              "published step", "val bpb", f"{split} ppl", f"{split} bpb", "vs best",
+              "published step", "temperature", "val bpb", f"{split} ppl", f"{split} bpb", "vs best",
               f"{split} tokens", "scoring tok/s"]
     best_bpb = data.results[best].get(f"{split}_bpb") if best is not None else None
     rows = []
@@ -181,7 +184,7 @@ def _models_section(data: ReportData) -> list[str]:
         rows.append([
             name, MODEL_STAGE.get(name, name), _first(r, "params") or _first(sm, "params"),
             _first(sm, "train_seconds"), _first(sm, "tokens_seen", "train_tokens"),
-            _first(sm, "stopped_by"), _first(sm, "selected_step"),
+            _first(sm, "stopped_by"), _first(sm, "selected_step"), _first(sm, "temperature"),
             r.get("val_bpb"), r.get(f"{split}_ppl"), bpb, rel,
             r.get(f"{split}_tokens"), r.get("tokens_per_second"),
         ])

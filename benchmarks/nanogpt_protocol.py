@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         ("stopped by", str(pretrain.get("stopped_by"))),
         ("published step", f"{pretrain.get('selected_step')} of {pretrain['steps']} "
                            f"(best val loss {pretrain.get('best_val_loss')})"),
+        ("temperature", f"{pretrain.get('temperature')} (fitted on val after training, as the "
+                        "published step was chosen on val; val is half of the scored text)"),
         ("params", f"{pretrain['params']:,}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -1,6 +1,8 @@
 """Sampling from the neural language models: temperature, top-k, top-p, repetition penalty.
 
-One step turns the last position's logits into a token, in this order:
+One step turns the last position's logits into a token (logits already divided by the model's
+own `config.temperature`, the one fitted on val: that is the distribution `evaluate` scores),
+in this order:
   1. repetition penalty (CTRL, Keskar et al. 2019): for every token already in the text,
      logit / penalty if the logit is positive, logit * penalty if not (penalty > 1 discourages);
   2. temperature 0 -> greedy argmax; otherwise logits / temperature;
